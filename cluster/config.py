@@ -1,0 +1,397 @@
+"""ClusterConfig: the one YAML file describing a cluster (models, replicas, router, HTTP, keys).
+
+Validated once with pydantic at the edge; everything downstream (deployments/app.py, the Serve
+config renderer, the KubeRay renderer) takes the validated object or its
+``model_dump(mode="json")`` dict. ``load_cluster_config(path)`` turns YAML and validation errors
+into one ``ConfigError`` whose lines read
+``FILE:LINE: FIELD: what is wrong (what is allowed)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import types
+import typing
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cluster.cli import CLIError
+from engine.config import EngineConfig
+
+try:  # Response caches are another module's schema; embed it when present.
+    from deployments.response_cache.config import CacheConfig
+except ModuleNotFoundError:  # pragma: no cover - only while that module is being written
+    CacheConfig = dict  # type: ignore[misc,assignment]
+
+DEMO_MODELS = ("demo", "demo-small")
+# OpenAI model ids may carry an organisation ("org/name"); no spaces or shell-special characters.
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_MODEL_LEVEL = ("model", "tensor_parallel_size")  # set on ModelConfig, not in engine
+_ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class ConfigError(CLIError, ValueError):
+    """A cluster file that can't be used. ``errors``: (line or None, field path, message)."""
+
+    def __init__(self, path: str, errors: list[tuple[int | None, str, str]]):
+        self.path = path
+        self.errors = errors
+        lines = [
+            f"{path}:{line}: {fld}: {msg}" if line else f"{path}: {fld}: {msg}"
+            for line, fld, msg in errors
+        ]
+        super().__init__("\n".join(lines))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Resources(_Strict):
+    """Ray resources one replica asks for (all of its tensor-parallel shards together)."""
+
+    num_cpus: float = Field(1.0, ge=0, description="CPUs per replica (Ray logical CPUs).")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (one per TP shard on GPU).")
+
+
+class AutoscalingBounds(_Strict):
+    """Replica-count bounds; the live policy parameters live in the autoscaling policy file."""
+
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas (0 allows scale to zero).")
+    max_replicas: int = Field(4, ge=1, description="Most replicas.")
+    initial_replicas: int | None = Field(
+        None, ge=0, description="Replicas at deploy time; null: min_replicas (at least 1)."
+    )
+
+    @model_validator(mode="after")
+    def _order(self) -> AutoscalingBounds:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})"
+            )
+        init = self.initial_replicas
+        if init is not None and not self.min_replicas <= init <= self.max_replicas:
+            raise ValueError(
+                f"initial_replicas ({init}) must lie in [min_replicas, max_replicas] = "
+                f"[{self.min_replicas}, {self.max_replicas}]"
+            )
+        return self
+
+
+class ModelConfig(_Strict):
+    """One served model: its weights, engine options, replica count and placement."""
+
+    name: str = Field(description="Model id clients send in the 'model' field, e.g. 'demo'.")
+    model: str = Field(
+        "demo",
+        description="'demo', 'demo-small' (embedded, built locally) or a local HF model folder.",
+    )
+    engine: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Engine options (engine.config.EngineConfig fields except model and "
+        "tensor_parallel_size), e.g. {max_num_seqs: 32, num_kv_blocks: 512, dtype: float32}.",
+    )
+    num_replicas: int | None = Field(
+        None, ge=1, description="Fixed replica count; leave out when autoscaling is given."
+    )
+    autoscaling: AutoscalingBounds | None = Field(
+        None, description="Replica bounds for queue-depth autoscaling instead of num_replicas."
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="Shards (workers) per replica.")
+    placement_strategy: Literal["PACK", "STRICT_PACK", "SPREAD"] = Field(
+        "PACK", description="Ray placement-group strategy for one replica's shards."
+    )
+    resources_per_replica: Resources = Field(
+        default_factory=Resources, description="Ray resources per replica."
+    )
+    max_queued_requests: int = Field(
+        64, ge=1, description="Requests one replica accepts beyond those running; then 429/503."
+    )
+    caches: CacheConfig = Field(  # type: ignore[valid-type]
+        default_factory=CacheConfig, description="Exact and semantic response caches."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError(
+                "must start with a letter or digit and use only letters, digits, '.', '_', '-', "
+                f"'/' (at most 128 characters), got {v!r}"
+            )
+        return v
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must be 'demo', 'demo-small' or a local HF model folder")
+        return v
+
+    @field_validator("engine")
+    @classmethod
+    def _engine(cls, v: dict[str, Any]) -> dict[str, Any]:
+        # Messages start with "OPTION: " so _describe can point at that option's own line.
+        for owned in ("model", "tensor_parallel_size"):
+            if owned in v:
+                raise ValueError(f"{owned}: set it on the model entry, not inside engine")
+        allowed = [f.name for f in fields(EngineConfig) if f.name not in _MODEL_LEVEL]
+        for key in v:
+            if key not in allowed:
+                raise ValueError(f"{key}: unknown engine option; allowed: {', '.join(allowed)}")
+        try:
+            EngineConfig.from_dict(v)
+        except (ValueError, TypeError) as e:
+            bad = next((k for k in v if str(e).startswith(k)), None)
+            raise ValueError(f"{bad}: {e}" if bad else str(e)) from None
+        return v
+
+    @model_validator(mode="after")
+    def _replicas(self) -> ModelConfig:
+        if self.num_replicas is not None and self.autoscaling is not None:
+            raise ValueError("give either num_replicas or autoscaling, not both")
+        if self.num_replicas is None and self.autoscaling is None:
+            self.num_replicas = 1
+        return self
+
+    def engine_config(self) -> EngineConfig:
+        """The EngineConfig one replica builds (model path as written; resolved on the replica)."""
+        return EngineConfig.from_dict(
+            {**self.engine, "model": self.model, "tensor_parallel_size": self.tensor_parallel_size}
+        )
+
+    def initial_replicas(self) -> int:
+        if self.autoscaling is None:
+            assert self.num_replicas is not None  # set by _replicas
+            return self.num_replicas
+        a = self.autoscaling
+        return a.initial_replicas if a.initial_replicas is not None else max(1, a.min_replicas)
+
+
+class RouterConfig(_Strict):
+    """How the ingress picks a replica for each request."""
+
+    policy: Literal["prefix_aware", "pow2", "round_robin", "session"] = Field(
+        "prefix_aware",
+        description="prefix_aware: longest cached prompt prefix unless overloaded; pow2: power of "
+        "two choices on load; round_robin; session: sticky by the x-session-id header.",
+    )
+    imbalance: int = Field(
+        8,
+        ge=0,
+        description="prefix_aware: a replica whose load exceeds the least loaded one's by more "
+        "than this many requests loses its affinity.",
+    )
+    stats_period_s: float = Field(
+        1.0, gt=0, description="Seconds between replica routing-stats refreshes."
+    )
+
+
+class HttpConfig(_Strict):
+    """Where Serve's HTTP proxy listens."""
+
+    host: str = Field("127.0.0.1", description="Bind address; 0.0.0.0 listens on every interface.")
+    port: int = Field(8000, ge=1, le=65535, description="TCP port.")
+
+
+class ApiKey(_Strict):
+    """One accepted API key, never stored in clear: its SHA-256 hex digest or an env variable."""
+
+    sha256: str | None = Field(
+        None, description="Lower-case hex SHA-256 of the key (`printf %s KEY | sha256sum`)."
+    )
+    env: str | None = Field(None, description="Name of an environment variable holding the key.")
+
+    @model_validator(mode="after")
+    def _one(self) -> ApiKey:
+        if (self.sha256 is None) == (self.env is None):
+            raise ValueError("give exactly one of sha256 or env")
+        if self.sha256 is not None and not _SHA256_RE.match(self.sha256):
+            raise ValueError("sha256 must be 64 lower-case hex digits")
+        if self.env is not None and not _ENV_RE.match(self.env):
+            raise ValueError(f"env must be an environment variable name, got {self.env!r}")
+        return self
+
+    def digest(self) -> str:
+        """The key's SHA-256 hex digest; ValueError if its env variable is unset or empty."""
+        if self.sha256 is not None:
+            return self.sha256
+        assert self.env is not None  # _one
+        key = os.environ.get(self.env, "")
+        if not key:
+            raise ValueError(f"api_keys: environment variable {self.env} is not set")
+        return hash_api_key(key)
+
+
+class RayConfig(_Strict):
+    """Which Ray cluster to use."""
+
+    address: str | None = Field(
+        None,
+        description="Existing cluster to join ('auto', 'HOST:6379'); null: $RAY_ADDRESS or a "
+        "new local head.",
+    )
+    num_cpus: int | None = Field(
+        None, ge=1, description="CPUs a locally started head offers; null: Ray's default."
+    )
+
+
+class ClusterConfig(_Strict):
+    """A whole fleetlm cluster."""
+
+    models: list[ModelConfig] = Field(min_length=1, description="Served models, at least one.")
+    router: RouterConfig = Field(default_factory=RouterConfig, description="Request routing.")
+    http: HttpConfig = Field(default_factory=HttpConfig, description="HTTP listener.")
+    api_keys: list[ApiKey] = Field(
+        default_factory=list, description="Accepted API keys; empty: no key needed."
+    )
+    ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster to run on.")
+
+    @model_validator(mode="after")
+    def _unique(self) -> ClusterConfig:
+        seen: set[str] = set()
+        for m in self.models:
+            if m.name in seen:
+                raise ValueError(f"model names must be unique; {m.name!r} appears twice")
+            seen.add(m.name)
+        return self
+
+    def model(self, name: str) -> ModelConfig:
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+    def api_key_digests(self) -> list[str]:
+        return [k.digest() for k in self.api_keys]
+
+
+def hash_api_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def default_config(model: str = "demo", name: str | None = None) -> ClusterConfig:
+    """One model with defaults: what `fleetlm up` serves with no file (or `--model DIR`)."""
+    if name is None:
+        name = model if model in DEMO_MODELS else Path(model.rstrip("/")).name or "model"
+    return ClusterConfig(models=[ModelConfig(name=name, model=model)])
+
+
+def parse_cluster_config(text: str, path: str = "<string>") -> ClusterConfig:
+    """Validate YAML text; errors name `path`, the line and the field."""
+    try:
+        root = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(path, [(line, "(yaml)", f"invalid YAML: {problem}")]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(path, [(1, "(top level)", "must be a mapping with at least 'models'")])
+    try:
+        return ClusterConfig.model_validate(data)
+    except ValidationError as e:
+        errors = [_describe(err, root) for err in e.errors()]
+        raise ConfigError(path, errors) from None
+
+
+def load_cluster_config(path: str | os.PathLike[str]) -> ClusterConfig:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(str(path), [(None, "(file)", f"can't read: {e.strerror}")]) from None
+    return parse_cluster_config(text, str(path))
+
+
+def _describe(err: Any, root: yaml.Node | None) -> tuple[int | None, str, str]:
+    loc = tuple(err["loc"])
+    line, fld = _locate(root, loc)
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    if err["type"] == "extra_forbidden":
+        allowed = _allowed_fields(loc[:-1])
+        msg = "unknown field" + (f"; allowed: {', '.join(allowed)}" if allowed else "")
+    elif err["type"] == "missing":
+        msg = "required field is missing"
+    elif loc and loc[-1] == "engine" and ": " in msg:
+        # The engine validator names the offending option first; point at that option's line.
+        option, rest = msg.split(": ", 1)
+        sub_line, sub_fld = _locate(root, (*loc, option))
+        if sub_fld.endswith(f".{option}"):
+            line, fld, msg = sub_line, sub_fld, rest
+    return line, fld or "(top level)", msg
+
+
+def _locate(root: yaml.Node | None, loc: tuple[Any, ...]) -> tuple[int | None, str]:
+    """Walk pydantic's error `loc` through the YAML node tree: (1-based line, dotted field path).
+
+    The line is that of the deepest node reached (a mapping entry's key line). Parts of `loc` that
+    aren't YAML keys are pydantic's union-member tags (e.g. 'function-after[...]') and are skipped,
+    except an identifier-like part naming an absent (missing) field, which ends the path.
+    """
+    node = root
+    line = node.start_mark.line + 1 if node is not None else None
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            if not isinstance(node, yaml.SequenceNode) or part >= len(node.value):
+                path += f"[{part}]"
+                break
+            node = node.value[part]
+            line = node.start_mark.line + 1
+            path += f"[{part}]"
+            continue
+        entry = None
+        if isinstance(node, yaml.MappingNode):
+            entry = next((kv for kv in node.value if getattr(kv[0], "value", None) == part), None)
+        if entry is None:
+            if re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", str(part)):
+                path += f".{part}" if path else str(part)
+                break
+            continue  # a union tag, not a key
+        key, node = entry
+        line = key.start_mark.line + 1
+        path += f".{part}" if path else str(part)
+    return line, path
+
+
+def _allowed_fields(loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the pydantic model that `loc` points into, for 'unknown field' messages."""
+    cls: Any = ClusterConfig
+    for part in loc:
+        cls = _unwrap(cls)
+        if isinstance(part, int):
+            continue
+        if isinstance(cls, type) and issubclass(cls, BaseModel) and part in cls.model_fields:
+            cls = cls.model_fields[part].annotation
+    cls = _unwrap(cls)
+    if isinstance(cls, type) and issubclass(cls, BaseModel):
+        return list(cls.model_fields)
+    return []
+
+
+def _unwrap(tp: Any) -> Any:
+    """list[X] → X, X | None → X."""
+    while True:
+        origin = typing.get_origin(tp)
+        if origin in (list, tuple):
+            tp = typing.get_args(tp)[0]
+        elif origin in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            if len(args) != 1:
+                return tp
+            tp = args[0]
+        else:
+            return tp
