@@ -1,0 +1,78 @@
+# prefix_aware: cache affinity first, load balance as a guard.
+#
+# Inputs
+#   h[0..n)   the prompt's chained block hashes (engine/block_hash.py; only full blocks, so a prompt
+#             shorter than one block has n = 0).
+#   for each candidate replica r, in a stable order (the Ray glue sorts by replica id):
+#     match(r) = largest k such that h[0..k) are all in r's index: the block hashes r last
+#                reported as cached, plus hashes this router assumed r stored because it sent r a
+#                prompt holding them less than assumed_ttl_s ago (router/prefix_index.py;
+#                default 30 s).
+#     load(r)  = num_waiting + num_running from r's last routing stats + requests this router sent r
+#                since those stats (router/router_state.py).
+#
+# Parameters (defaults)
+#   imbalance = 8         largest load gap tolerated for affinity (absolute requests, >= 0).
+#   min_match_blocks = 1  a match shorter than this counts as no match (>= 1).
+#
+# Algorithm
+#   1. least = the replica with the smallest load (earliest on ties); min_load = load(least).
+#   2. best_match = max over r of match(r). If best_match < min_match_blocks: choose least,
+#      reason "cold" (nothing useful cached anywhere: spread new prefixes by load).
+#   3. best = the least loaded among the replicas whose match == best_match (earliest on ties).
+#   4. If load(best) - min_load > imbalance: choose least, reason "balance" (the cached replica is
+#      too far behind; recomputing the prefix elsewhere is cheaper than queueing). Otherwise choose
+#      best, reason "affinity".
+#   Every decision is counted by reason: affinity, balance, cold.
+#
+# After the choice the router assumes the chosen replica now holds h[0..n) and counts one more
+# request sent to it, so the next request of the same prefix follows even before the replica reports
+# again. This follows SGLang's cache-aware policy (sgl-router), with the replica's own reported
+# cache (exact block hashes) instead of an approximate radix tree of request texts, and a single
+# absolute load threshold.
+"""prefix_aware routing policy (algorithm and defaults in the comment above)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from router.policy import Decision, ReplicaView, check_candidates, least_loaded
+
+DEFAULT_IMBALANCE = 8
+DEFAULT_MIN_MATCH_BLOCKS = 1
+
+
+class PrefixAwarePolicy:
+    name = "prefix_aware"
+    reasons = ("affinity", "balance", "cold")
+
+    def __init__(
+        self, imbalance: int = DEFAULT_IMBALANCE, min_match_blocks: int = DEFAULT_MIN_MATCH_BLOCKS
+    ) -> None:
+        if not isinstance(imbalance, int) or isinstance(imbalance, bool) or imbalance < 0:
+            raise ValueError(f"imbalance must be an integer >= 0, got {imbalance!r}")
+        if (
+            not isinstance(min_match_blocks, int)
+            or isinstance(min_match_blocks, bool)
+            or min_match_blocks < 1
+        ):
+            raise ValueError(f"min_match_blocks must be an integer >= 1, got {min_match_blocks!r}")
+        self.imbalance = imbalance
+        self.min_match_blocks = min_match_blocks
+
+    def choose(
+        self,
+        request_hashes: Sequence[int],
+        replicas: Sequence[ReplicaView],
+        session_id: str | None = None,
+    ) -> Decision:
+        check_candidates(replicas)
+        least = least_loaded(replicas)
+        matches = [r.match(request_hashes) for r in replicas]
+        best_match = max(matches)
+        if best_match < self.min_match_blocks:
+            return Decision(least.replica_id, "cold")
+        best = least_loaded([r for r, m in zip(replicas, matches, strict=True) if m == best_match])
+        if best.load - least.load > self.imbalance:
+            return Decision(least.replica_id, "balance")
+        return Decision(best.replica_id, "affinity")

@@ -1,0 +1,113 @@
+"""One replica's cached block hashes, as the router sees them.
+
+Two sources feed it:
+- the replica's own view: a full snapshot of its prefix cache (``replace``, from the routing stats
+  the replica reports, tagged with a version so an unchanged snapshot costs nothing) or the engine's
+  ``BlockEvent`` stream (``apply_events``, used replica-side by ``ReplicaCacheTracker``);
+- this router's own recent decisions (``assume``): blocks of prompts just sent to the replica are
+  counted as cached for ``assumed_ttl_s`` seconds, so affinity holds between stats refreshes. A new
+  snapshot that contains an assumed hash confirms it (the assumption is dropped; the snapshot now
+  speaks for it); one that lacks it leaves the assumption alive until its TTL runs out (the prompt
+  may still be waiting for prefill).
+
+Block hashes are chained (engine/block_hash.py): hash i covers tokens [0, (i+1) * block_size), so
+"the first k hashes are present" is exactly "the first k blocks of the prompt are cached".
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+
+from engine.outputs import BlockEvent
+
+DEFAULT_ASSUMED_TTL_S = 30.0
+
+
+class PrefixIndex:
+    def __init__(
+        self,
+        assumed_ttl_s: float = DEFAULT_ASSUMED_TTL_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not assumed_ttl_s >= 0:
+            raise ValueError(f"assumed_ttl_s must be >= 0, got {assumed_ttl_s}")
+        self.assumed_ttl_s = assumed_ttl_s
+        self._clock = clock
+        self._cached: set[int] = set()  # reported by the replica
+        self._assumed: dict[int, float] = {}  # hash -> expiry time (clock units)
+        self.version = -1  # version of the last snapshot applied; -1: none yet
+
+    # --- the replica's view -------------------------------------------------------------------
+
+    def replace(self, hashes: Iterable[int], version: int) -> None:
+        """Install a full snapshot of the replica's cache (reported as ``version``)."""
+        self._cached = set(hashes)
+        self.version = version
+        if self._assumed:
+            now = self._clock()
+            self._assumed = {
+                h: exp for h, exp in self._assumed.items() if exp > now and h not in self._cached
+            }
+
+    def apply_events(self, events: Iterable[BlockEvent]) -> bool:
+        """Apply engine block events in order; True if the cached set changed."""
+        changed = False
+        for ev in events:
+            if ev.kind == "stored":
+                before = len(self._cached)
+                self._cached.update(ev.block_hashes)
+                changed |= len(self._cached) != before
+            elif ev.kind == "removed":
+                before = len(self._cached)
+                self._cached.difference_update(ev.block_hashes)
+                changed |= len(self._cached) != before
+            elif ev.kind == "cleared":
+                changed |= bool(self._cached)
+                self._cached.clear()
+            else:
+                raise ValueError(f"BlockEvent.kind must be stored|removed|cleared, got {ev.kind!r}")
+        return changed
+
+    # --- this router's decisions --------------------------------------------------------------
+
+    def assume(self, hashes: Iterable[int]) -> None:
+        """Count ``hashes`` as cached for ``assumed_ttl_s`` (a prompt with them was just sent)."""
+        expiry = self._clock() + self.assumed_ttl_s
+        for h in hashes:
+            if h not in self._cached:
+                self._assumed[h] = expiry
+
+    # --- queries ------------------------------------------------------------------------------
+
+    def __contains__(self, block_hash: int) -> bool:
+        if block_hash in self._cached:
+            return True
+        expiry = self._assumed.get(block_hash)
+        if expiry is None:
+            return False
+        if expiry > self._clock():
+            return True
+        del self._assumed[block_hash]
+        return False
+
+    def longest_prefix(self, hashes: Sequence[int]) -> int:
+        """Number of leading blocks of a prompt (its chained block hashes) present here."""
+        n = 0
+        for h in hashes:
+            if h not in self:
+                break
+            n += 1
+        return n
+
+    @property
+    def cached(self) -> frozenset[int]:
+        """The replica-reported hashes (assumptions excluded)."""
+        return frozenset(self._cached)
+
+    def num_assumed(self) -> int:
+        now = self._clock()
+        return sum(1 for exp in self._assumed.values() if exp > now)
+
+    def __len__(self) -> int:
+        return len(self._cached)

@@ -1,0 +1,148 @@
+"""What one router instance knows about its replicas, between their stats reports. Ray-free.
+
+Per replica: a PrefixIndex (reported cache + assumed blocks), the last parsed routing stats and the
+number of requests this router sent it since those stats. ``choose()`` runs the policy over that
+view and books the decision at once (the next request must see it, even before Ray confirms the
+send); ``on_routed()`` settles it when Ray reports where the request actually went (a full replica
+may have rejected it and Ray tried the next rank), and returns the reason to count.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from router.policy import Decision, Policy, ReplicaView
+from router.prefix_index import DEFAULT_ASSUMED_TTL_S, PrefixIndex
+from router.replica_stats import ReplicaRoutingStats, parse_routing_stats
+
+MAX_OPEN_DECISIONS = 10_000  # decisions awaiting on_routed(); older ones are dropped (cancelled)
+
+
+@dataclass
+class _Replica:
+    index: PrefixIndex
+    stats: ReplicaRoutingStats | None = None
+    num_sent: int = 0  # requests this router sent since ``stats`` (reset when a new report arrives)
+    epoch: int = 0  # bumped with every new report, so an undo never crosses a reset
+
+    @property
+    def load(self) -> int:
+        return (self.stats.load if self.stats else 0) + self.num_sent
+
+
+@dataclass
+class _Booked:
+    decision: Decision
+    epoch: int
+    hashes: list[int] = field(default_factory=list)
+
+
+class RouterState:
+    def __init__(
+        self,
+        policy: Policy,
+        assumed_ttl_s: float = DEFAULT_ASSUMED_TTL_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.policy = policy
+        self.assumed_ttl_s = assumed_ttl_s
+        self._clock = clock
+        self._replicas: dict[str, _Replica] = {}
+        self._open: OrderedDict[str, _Booked] = OrderedDict()
+
+    def _get(self, replica_id: str) -> _Replica:
+        r = self._replicas.get(replica_id)
+        if r is None:
+            r = _Replica(PrefixIndex(self.assumed_ttl_s, self._clock))
+            self._replicas[replica_id] = r
+        return r
+
+    # --- replica reports ----------------------------------------------------------------------
+
+    def update_stats(self, replica_id: str, routing_stats: Mapping[str, Any]) -> None:
+        """Feed a replica's latest ``routing_stats`` dict; cheap when nothing new was reported.
+
+        Raises ValueError (naming the field) for a malformed dict; the previous view is kept.
+        """
+        r = self._get(replica_id)
+        if not routing_stats or (r.stats is not None and routing_stats.get("seq") == r.stats.seq):
+            return
+        stats = parse_routing_stats(routing_stats)
+        assert stats is not None
+        if stats.cache_version != r.index.version:
+            r.index.replace(stats.hashes(), stats.cache_version)
+        r.stats = stats
+        r.num_sent = 0
+        r.epoch += 1
+
+    def retain(self, replica_ids: Iterable[str]) -> None:
+        """Forget replicas not in ``replica_ids`` (they left the deployment)."""
+        keep = set(replica_ids)
+        for rid in [rid for rid in self._replicas if rid not in keep]:
+            del self._replicas[rid]
+
+    # --- decisions ----------------------------------------------------------------------------
+
+    def views(self, candidate_ids: Sequence[str]) -> list[ReplicaView]:
+        out = []
+        for rid in candidate_ids:
+            r = self._get(rid)
+            out.append(ReplicaView(rid, r.load, r.index))
+        return out
+
+    def load(self, replica_id: str) -> int:
+        return self._get(replica_id).load
+
+    def choose(
+        self,
+        request_id: str,
+        request_hashes: Sequence[int],
+        candidate_ids: Sequence[str],
+        session_id: str | None = None,
+    ) -> Decision:
+        """Run the policy and book the decision; a repeated request_id undoes its last one first."""
+        self._undo(self._open.pop(request_id, None))
+        decision = self.policy.choose(request_hashes, self.views(candidate_ids), session_id)
+        r = self._get(decision.replica_id)
+        r.num_sent += 1
+        r.index.assume(request_hashes)
+        self._open[request_id] = _Booked(decision, r.epoch, list(request_hashes))
+        while len(self._open) > MAX_OPEN_DECISIONS:
+            self._open.popitem(last=False)
+        return decision
+
+    def on_routed(self, request_id: str, replica_id: str) -> str | None:
+        """Settle a booked decision; returns the reason to count ("fallback" when the request went
+        to another replica than the policy chose), or None for a request this router never chose."""
+        booked = self._open.pop(request_id, None)
+        if booked is None:
+            return None
+        if booked.decision.replica_id == replica_id:
+            return booked.decision.reason
+        self._undo(booked)
+        r = self._get(replica_id)
+        r.num_sent += 1
+        r.index.assume(booked.hashes)
+        return "fallback"
+
+    def forget(self, request_id: str) -> None:
+        """Drop a booked decision whose request was cancelled before being sent."""
+        self._undo(self._open.pop(request_id, None))
+
+    def _undo(self, booked: _Booked | None) -> None:
+        # Assumed hashes stay (they expire); only the load count is given back.
+        if booked is None:
+            return
+        r = self._replicas.get(booked.decision.replica_id)
+        if r is not None and r.epoch == booked.epoch and r.num_sent > 0:
+            r.num_sent -= 1
+
+    def ranked(self, candidate_ids: Sequence[str], chosen: str) -> list[str]:
+        """``chosen`` first, then the other candidates by load (Ray tries them in order if the
+        chosen replica is at max_ongoing_requests)."""
+        rest = sorted((rid for rid in candidate_ids if rid != chosen), key=self.load)
+        return [chosen, *rest]
