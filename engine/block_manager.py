@@ -8,6 +8,7 @@ end of a prompt is evicted before its (more widely shared) beginning.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 from engine.outputs import BlockEvent
@@ -79,7 +80,8 @@ class BlockManager:
         self.cached: dict[int, Block] = {}  # block hash -> block holding it
         self.hit_tokens = 0
         self.query_tokens = 0
-        self.events: list[BlockEvent] = []
+        # A deque: appended by the engine thread, drained by another (append/popleft are atomic).
+        self.events: deque[BlockEvent] = deque()
 
     # -- queries ------------------------------------------------------------------------------
     @property
@@ -189,5 +191,7 @@ class BlockManager:
         return True
 
     def pop_events(self) -> list[BlockEvent]:
-        ev, self.events = self.events, []
-        return ev
+        out = []
+        while self.events:
+            out.append(self.events.popleft())
+        return out
