@@ -1,0 +1,132 @@
+"""build_app(cfg): the Serve application — one OpenAIIngress + one LLMServer deployment per model.
+
+``app_builder(args)`` is the import path for Serve config files and KubeRay's ``serveConfigV2``
+(``import_path: deployments.app:app_builder``, ``args: {"cluster": <cluster config dict>}``).
+Router and autoscaling policy are wired only when their modules are importable, so the app keeps
+working while those parts are absent.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from typing import Any
+
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+
+from cluster.config import ClusterConfig, ModelConfig
+from deployments.ingress import OpenAIIngress
+from deployments.llm_server import LLMServer
+
+INGRESS_NAME = "OpenAIIngress"
+ROUTER_CLASS = "deployments.request_router:PrefixAwareRouter"
+AUTOSCALING_POLICY = "deployments.autoscaling_policy:fleetlm_policy"
+# Ongoing streams one ingress replica holds; each costs a coroutine, not a thread.
+INGRESS_MAX_ONGOING = 2048
+# Replica drain on scale-down / redeploy: stop taking requests, then let running generations finish.
+GRACEFUL_SHUTDOWN_WAIT_LOOP_S = 2.0
+GRACEFUL_SHUTDOWN_TIMEOUT_S = 120.0
+
+
+def server_name(model_name: str) -> str:
+    """Deployment name of a model's replicas (Serve names can't hold '#'; keep them path-safe)."""
+    return "LLMServer-" + re.sub(r"[^A-Za-z0-9._-]", "_", model_name)
+
+
+def _module_has(path: str) -> bool:
+    module, _, attr = path.partition(":")
+    try:
+        if importlib.util.find_spec(module) is None:
+            return False
+    except ModuleNotFoundError:
+        return False
+    mod = importlib.import_module(module)
+    return hasattr(mod, attr)
+
+
+def router_config(cfg: ClusterConfig, mc: ModelConfig) -> RequestRouterConfig | None:
+    if not _module_has(ROUTER_CLASS):
+        return None
+    r = cfg.router
+    return RequestRouterConfig(
+        request_router_class=ROUTER_CLASS,
+        request_router_kwargs=router_kwargs(cfg, mc),
+        request_routing_stats_period_s=r.stats_period_s,
+    )
+
+
+def router_kwargs(cfg: ClusterConfig, mc: ModelConfig) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"policy": cfg.router.policy, "model": mc.name}
+    if cfg.router.policy == "prefix_aware":
+        kwargs["imbalance"] = cfg.router.imbalance
+    return kwargs
+
+
+def server_options(cfg: ClusterConfig, mc: ModelConfig) -> dict[str, Any]:
+    """Serve deployment options of one model's LLMServer."""
+    ec = mc.engine_config()
+    res = mc.resources_per_replica
+    opts: dict[str, Any] = {
+        "name": server_name(mc.name),
+        # Serve sends a replica at most what its engine runs plus its queue; further requests wait
+        # at the caller (max_queued_requests there), then get a 429 with Retry-After.
+        "max_ongoing_requests": ec.max_num_seqs + mc.max_queued_requests,
+        "max_queued_requests": mc.max_queued_requests,
+        "graceful_shutdown_wait_loop_s": GRACEFUL_SHUTDOWN_WAIT_LOOP_S,
+        "graceful_shutdown_timeout_s": GRACEFUL_SHUTDOWN_TIMEOUT_S,
+        "health_check_period_s": 10.0,
+        "health_check_timeout_s": 60.0,  # a step on a busy CPU can hold the loop a while
+    }
+    tp = mc.tensor_parallel_size
+    if tp > 1:
+        # One bundle per shard; the replica actor (shard 0) sits in the first one.
+        per = {"CPU": res.num_cpus / tp}
+        if res.num_gpus:
+            per["GPU"] = res.num_gpus / tp
+        opts["placement_group_bundles"] = [dict(per) for _ in range(tp)]
+        opts["placement_group_strategy"] = mc.placement_strategy
+        opts["ray_actor_options"] = {
+            "num_cpus": per["CPU"],
+            "num_gpus": per.get("GPU", 0.0),
+        }
+    else:
+        opts["ray_actor_options"] = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus}
+    if mc.autoscaling is None:
+        opts["num_replicas"] = mc.num_replicas
+    else:
+        a = mc.autoscaling
+        auto: dict[str, Any] = {
+            "min_replicas": a.min_replicas,
+            "max_replicas": a.max_replicas,
+            "initial_replicas": mc.initial_replicas(),
+        }
+        if _module_has(AUTOSCALING_POLICY):
+            auto["policy"] = {"policy_function": AUTOSCALING_POLICY}
+        opts["autoscaling_config"] = auto
+    rc = router_config(cfg, mc)
+    if rc is not None:
+        opts["request_router_config"] = rc
+    return opts
+
+
+def build_app(cfg: ClusterConfig) -> serve.Application:
+    servers = {}
+    for mc in cfg.models:
+        dep = serve.deployment(LLMServer).options(**server_options(cfg, mc))
+        servers[mc.name] = dep.bind(mc.model_dump(mode="json"))
+    ingress = serve.deployment(OpenAIIngress).options(
+        name=INGRESS_NAME,
+        num_replicas=1,
+        max_ongoing_requests=INGRESS_MAX_ONGOING,
+        # The ingress is I/O bound; it must not take a CPU slot a model replica needs.
+        ray_actor_options={"num_cpus": 0},
+    )
+    return ingress.bind(cfg.model_dump(mode="json"), servers)
+
+
+def app_builder(args: dict[str, Any]) -> serve.Application:
+    """Serve config entry point: ``args = {"cluster": <ClusterConfig as a dict>}``."""
+    if not isinstance(args, dict) or "cluster" not in args:
+        raise ValueError("args: expected {'cluster': <cluster config mapping>}")
+    return build_app(ClusterConfig.model_validate(args["cluster"]))

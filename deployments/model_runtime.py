@@ -1,0 +1,132 @@
+"""What the ingress keeps per served model: tokenizer, limits, replica handle, response cache.
+
+The ingress checks context length itself (the same rule as the engine's validate()) so an oversized
+prompt is refused with ``context_length_exceeded`` without a round trip to a replica.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from deployments.protocol import APIError, bad_request
+
+logger = logging.getLogger("ray.serve")
+
+
+@dataclass
+class ModelRuntime:
+    name: str
+    handle: Any  # DeploymentHandle of LLMServer-<name>
+    tokenizer: Any
+    max_model_len: int
+    block_size: int
+    vocab_size: int
+    cache: Any = None  # ResponseCacheLayer or None
+    _token_text: dict[int, str] = field(default_factory=dict)
+
+    def encode(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+        enc = self.tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
+        return [list(ids) for ids in enc]
+
+    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise bad_request(
+                f"model {self.name!r} has no chat template; use /v1/completions", "messages"
+            )
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        except Exception as e:  # a template may raise on role order etc.: the client's input
+            raise bad_request(f"chat template rejected the messages: {e}", "messages") from None
+
+    def token_text(self, token_id: int) -> str:
+        t = self._token_text.get(token_id)
+        if t is None:
+            t = self._token_text[token_id] = self.tokenizer.decode([token_id])
+        return t
+
+    def check_prompt(self, ids: list[int], sampling: dict[str, Any]) -> None:
+        n = len(ids)
+        if n == 0:
+            raise bad_request("prompt must not be empty", "prompt")
+        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise bad_request(
+                f"prompt contains token ids outside the vocabulary [0, {self.vocab_size}): "
+                f"{bad[:5]}",
+                "prompt",
+            )
+        max_tokens = sampling.get("max_tokens")
+        if n >= self.max_model_len or (
+            max_tokens is not None and n + max_tokens > self.max_model_len
+        ):
+            wanted = f"{n} prompt tokens" + (f" + {max_tokens} max_tokens" if max_tokens else "")
+            raise APIError(
+                400,
+                f"this model's maximum context length is {self.max_model_len} tokens; the request "
+                f"asks for {wanted}. Shorten the prompt or lower max_tokens.",
+                param="max_tokens" if n < self.max_model_len else "prompt",
+                code="context_length_exceeded",
+            )
+
+    async def cache_lookup(self, namespace: str, body: Any) -> tuple[str, dict[str, Any]] | None:
+        if self.cache is None:
+            return None
+        try:
+            return await self.cache.lookup(namespace, body.model_dump(exclude_none=True))
+        except Exception:  # a cache failure costs a hit, never the request
+            logger.exception("response cache lookup failed")
+            return None
+
+    async def cache_store(self, namespace: str, body: Any, response: dict[str, Any]) -> None:
+        if self.cache is None:
+            return
+        try:
+            await self.cache.store(namespace, body.model_dump(exclude_none=True), response)
+        except Exception:
+            logger.exception("response cache store failed")
+
+
+def load_runtime(mc: Any, handle: Any) -> ModelRuntime:
+    """Build a ModelRuntime from a cluster.config.ModelConfig (tokenizer loaded from the folder)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from engine.demo_model import resolve_model
+
+    path = resolve_model(mc.model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    hf = AutoConfig.from_pretrained(path)
+    ec = mc.engine_config()
+    # Same rule as LLMEngine: the configured length, capped by the model's positions.
+    max_pos = getattr(hf, "max_position_embeddings", None) or 2048
+    max_model_len = min(ec.max_model_len or max_pos, max_pos)
+    vocab = getattr(hf, "vocab_size", None) or len(tokenizer)
+    return ModelRuntime(
+        name=mc.name,
+        handle=handle,
+        tokenizer=tokenizer,
+        max_model_len=max_model_len,
+        block_size=ec.block_size,
+        vocab_size=vocab,
+        cache=_cache_layer(mc),
+    )
+
+
+def _cache_layer(mc: Any) -> Any:
+    caches = getattr(mc, "caches", None)
+    if caches is None or isinstance(caches, dict):
+        return None
+    enabled = any(
+        getattr(getattr(caches, k, None), "enabled", False) for k in ("exact", "semantic")
+    )
+    if not enabled:
+        return None
+    try:
+        from deployments.response_cache import ResponseCacheLayer
+    except ImportError:
+        logger.warning("response caches configured but deployments.response_cache is missing")
+        return None
+    return ResponseCacheLayer(caches, mc.name)
