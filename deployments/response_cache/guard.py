@@ -186,4 +186,4 @@ def guard_reason(q: TextFeatures, c: TextFeatures) -> str | None:
 def _same_family(a: str, b: str) -> bool:
     """Same word up to a derivational suffix: "paint"/"painter", "discover"/"discoverer"."""
     short, long_ = sorted((a, b), key=len)
-    return long_.startswith(short) and len(short) >= 3
+    return a == b or (long_.startswith(short) and len(short) >= 3)

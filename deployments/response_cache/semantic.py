@@ -119,12 +119,13 @@ class SemanticIndex:
         blob = json.dumps(response, separators=(",", ":"), ensure_ascii=False)
         feats = features(text)
         with self._lock:
+            old_part = self._parts.get(partition)
+            old = old_part.by_text.get(text) if old_part is not None else None
+            if old is not None:  # same prompt again: the newer answer replaces the old one
+                self._remove(old)  # (may drop the partition if it held only this entry)
             part = self._parts.get(partition)
             if part is None:
                 part = self._parts[partition] = _Partition(np.empty((8, self.dim), np.float32))
-            old = part.by_text.get(text)
-            if old is not None:  # same prompt again: the newer answer replaces the old one
-                self._remove(old)
             n = len(part.ids)
             if n == part.mat.shape[0]:  # grow by doubling: amortised O(dim) per add
                 part.mat = np.concatenate([part.mat, np.empty_like(part.mat)])

