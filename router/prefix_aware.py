@@ -9,7 +9,7 @@
 #                prompt holding them less than assumed_ttl_s ago (router/prefix_index.py;
 #                default 30 s).
 #     load(r)  = num_waiting + num_running from r's last routing stats + requests this router sent r
-#                since those stats (router/router_state.py).
+#                since those stats that have not completed yet (router/router_state.py).
 #
 # Parameters (defaults)
 #   imbalance = 8         largest load gap tolerated for affinity (absolute requests, >= 0).

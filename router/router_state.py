@@ -20,13 +20,16 @@ from router.prefix_index import DEFAULT_ASSUMED_TTL_S, PrefixIndex
 from router.replica_stats import ReplicaRoutingStats, parse_routing_stats
 
 MAX_OPEN_DECISIONS = 10_000  # decisions awaiting on_routed(); older ones are dropped (cancelled)
+MAX_IN_FLIGHT = 100_000  # routed requests awaiting on_completed(); older ones are dropped
 
 
 @dataclass
 class _Replica:
     index: PrefixIndex
     stats: ReplicaRoutingStats | None = None
-    num_sent: int = 0  # requests this router sent since ``stats`` (reset when a new report arrives)
+    # Requests this router sent since ``stats`` and not yet completed (reset when a new report
+    # arrives: the report counts whatever is still queued or running by then).
+    num_sent: int = 0
     epoch: int = 0  # bumped with every new report, so an undo never crosses a reset
 
     @property
@@ -52,7 +55,8 @@ class RouterState:
         self.assumed_ttl_s = assumed_ttl_s
         self._clock = clock
         self._replicas: dict[str, _Replica] = {}
-        self._open: OrderedDict[str, _Booked] = OrderedDict()
+        self._open: OrderedDict[str, _Booked] = OrderedDict()  # chosen, not yet confirmed sent
+        self._in_flight: OrderedDict[str, _Booked] = OrderedDict()  # sent, not yet completed
 
     def _get(self, replica_id: str) -> _Replica:
         r = self._replicas.get(replica_id)
@@ -121,13 +125,23 @@ class RouterState:
         booked = self._open.pop(request_id, None)
         if booked is None:
             return None
-        if booked.decision.replica_id == replica_id:
-            return booked.decision.reason
-        self._undo(booked)
-        r = self._get(replica_id)
-        r.num_sent += 1
-        r.index.assume(booked.hashes)
-        return "fallback"
+        reason = booked.decision.reason
+        if booked.decision.replica_id != replica_id:
+            self._undo(booked)
+            r = self._get(replica_id)
+            r.num_sent += 1
+            r.index.assume(booked.hashes)
+            booked = _Booked(Decision(replica_id, "fallback"), r.epoch)
+            reason = "fallback"
+        booked.hashes = []  # not needed any more; keep the in-flight table small
+        self._in_flight[request_id] = booked
+        while len(self._in_flight) > MAX_IN_FLIGHT:
+            self._in_flight.popitem(last=False)
+        return reason
+
+    def on_completed(self, request_id: str) -> None:
+        """A routed request finished (any outcome): it no longer adds to its replica's load."""
+        self._undo(self._in_flight.pop(request_id, None))
 
     def forget(self, request_id: str) -> None:
         """Drop a booked decision whose request was cancelled before being sent."""

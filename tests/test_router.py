@@ -306,3 +306,23 @@ def test_ranked_puts_choice_first_then_by_load():
     st.update_stats("c", report(ReplicaCacheTracker(BS), waiting=3))
     assert st.ranked(["a", "b", "c"], "a") == ["a", "b", "c"]
     assert st.ranked(["a", "b", "c"], "c") == ["c", "b", "a"]
+
+
+def test_state_completed_requests_leave_the_load():
+    st = RouterState(PrefixAwarePolicy())
+    ta = ReplicaCacheTracker(BS)
+    st.update_stats("a", report(ta, running=2))
+    for rid in ("r1", "r2"):
+        st.choose(rid, [], ["a"])
+        assert st.on_routed(rid, "a") == "cold"
+    assert st.load("a") == 4
+    st.on_completed("r1")
+    assert st.load("a") == 3
+    st.on_completed("r1")  # twice: no effect
+    assert st.load("a") == 3
+    # r2 was sent before this report: the report's queue counts it, its completion changes nothing.
+    st.update_stats("a", report(ta, running=3))
+    st.on_completed("r2")
+    assert st.load("a") == 3
+    st.on_completed("never-routed")
+    assert st.load("a") == 3

@@ -1,0 +1,146 @@
+"""PrefixAwareRouter on a real local Ray Serve: 2 dummy replicas report the stats the test sets."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import pytest
+
+from engine.block_hash import block_hashes
+from engine.outputs import BlockEvent, EngineStats
+
+pytestmark = pytest.mark.ray
+
+BS = 16
+
+
+def _hashes(group: int, question: int) -> list[int]:
+    return block_hashes([1000 + group] * (4 * BS) + [question] * BS, BS)
+
+
+def _app(control, name: str, **router_kwargs):
+    from ray import serve
+    from ray.serve.config import RequestRouterConfig
+
+    @serve.deployment(
+        name=name,
+        num_replicas=2,
+        ray_actor_options={"num_cpus": 0},
+        request_router_config=RequestRouterConfig(
+            request_router_class="deployments.request_router:PrefixAwareRouter",
+            request_router_kwargs=router_kwargs,
+            request_routing_stats_period_s=0.2,
+        ),
+    )
+    class Dummy:
+        """Reports whatever cache and queue the test put in ``control`` for this replica."""
+
+        def __init__(self, control) -> None:
+            from router.replica_stats import ReplicaCacheTracker
+
+            self.control = control
+            self.rid = serve.get_replica_context().replica_id.unique_id
+            self.tracker = ReplicaCacheTracker(BS)
+            control.register.remote(self.rid)
+
+        async def record_routing_stats(self) -> dict:
+            cached, waiting = await self.control.get.remote(self.rid)
+            self.tracker.apply_events(
+                [BlockEvent("cleared", []), BlockEvent("stored", list(cached))]
+            )
+            return self.tracker.routing_stats(EngineStats(waiting, 0, 100, 100, 0, 0, 0, 0, 0))
+
+        async def generate(self, req: dict) -> str:
+            return self.rid
+
+    return Dummy.bind(control)
+
+
+@pytest.fixture(scope="module")
+def control(ray_session):
+    import cloudpickle
+    import ray
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+    @ray.remote(num_cpus=0)
+    class Control:
+        def __init__(self) -> None:
+            self.ids: list[str] = []
+            self.state: dict[str, tuple[list[int], int]] = {}
+
+        def register(self, rid: str) -> None:
+            self.ids.append(rid)
+
+        def replica_ids(self) -> list[str]:
+            return sorted(self.ids)
+
+        def set(self, rid: str, cached: list[int], waiting: int) -> None:
+            self.state[rid] = (cached, waiting)
+
+        def get(self, rid: str) -> tuple[list[int], int]:
+            return self.state.get(rid, ([], 0))
+
+    return Control.remote()
+
+
+def _deploy(control, name: str, **router_kwargs):
+    import ray
+    from ray import serve
+
+    handle = serve.run(_app(control, name, **router_kwargs), name=name, route_prefix=None)
+    deadline = time.time() + 60
+    while True:
+        ids = ray.get(control.replica_ids.remote())
+        if len(ids) == 2:
+            return handle, ids
+        assert time.time() < deadline, "replicas did not register"
+        time.sleep(0.1)
+
+
+def _send(handle, hashes: list[int]) -> str:
+    return handle.generate.remote({"block_hashes": hashes, "prompt_token_ids": []}).result(
+        timeout_s=30
+    )
+
+
+def _wait_for(pred, what: str, timeout_s: float = 30.0, times: int = 6) -> None:
+    """Until ``pred()`` holds ``times`` times in a row (a cold request lands right by chance)."""
+    deadline = time.time() + timeout_s
+    run = 0
+    while run < times:
+        run = run + 1 if pred() else 0
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        if run == 0:
+            time.sleep(0.2)
+
+
+def test_shared_prefix_goes_to_replica_reporting_it_and_overload_is_skipped(control):
+    import ray
+    from ray import serve
+
+    # assumed_ttl_s=0: only the replicas' reports steer (the router's own bookings don't linger).
+    handle, (a, b) = _deploy(control, "router_dummy", assumed_ttl_s=0, imbalance=8)
+    try:
+        g1, g2 = _hashes(1, 0)[:4], _hashes(2, 0)[:4]
+        ray.get([control.set.remote(a, g1, 0), control.set.remote(b, g2, 0)])
+        # Wait until the router has seen both reports.
+        _wait_for(
+            lambda: _send(handle, _hashes(1, 99)) == a and _send(handle, _hashes(2, 99)) == b,
+            "routing stats to reach the router",
+        )
+        # Group 1 prompts all go to a, group 2 prompts all to b (unique last blocks differ).
+        assert [_send(handle, _hashes(1, q)) for q in range(10)] == [a] * 10
+        assert [_send(handle, _hashes(2, q)) for q in range(10)] == [b] * 10
+
+        # a now reports a queue of 20 (> b's 0 + imbalance 8): group 1 goes to b instead.
+        ray.get(control.set.remote(a, g1, 20))
+        _wait_for(lambda: _send(handle, _hashes(1, 98)) == b, "the overload report")
+        assert [_send(handle, _hashes(1, q)) for q in range(10)] == [b] * 10
+        # Within the imbalance again: affinity returns.
+        ray.get(control.set.remote(a, g1, 3))
+        _wait_for(lambda: _send(handle, _hashes(1, 97)) == a, "the recovery report")
+        assert [_send(handle, _hashes(1, q)) for q in range(5)] == [a] * 5
+    finally:
+        serve.delete("router_dummy")
