@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import time
 
@@ -19,13 +20,14 @@ def _hashes(group: int, question: int) -> list[int]:
     return block_hashes([1000 + group] * (4 * BS) + [question] * BS, BS)
 
 
-def _app(control, name: str, **router_kwargs):
+def _app(control, name: str, max_ongoing_requests: int = 5, **router_kwargs):
     from ray import serve
     from ray.serve.config import RequestRouterConfig
 
     @serve.deployment(
         name=name,
         num_replicas=2,
+        max_ongoing_requests=max_ongoing_requests,
         ray_actor_options={"num_cpus": 0},
         request_router_config=RequestRouterConfig(
             request_router_class="deployments.request_router:PrefixAwareRouter",
@@ -42,7 +44,7 @@ def _app(control, name: str, **router_kwargs):
             self.control = control
             self.rid = serve.get_replica_context().replica_id.unique_id
             self.tracker = ReplicaCacheTracker(BS)
-            control.register.remote(self.rid)
+            control.register.remote(name, self.rid)
 
         async def record_routing_stats(self) -> dict:
             cached, waiting = await self.control.get.remote(self.rid)
@@ -52,6 +54,7 @@ def _app(control, name: str, **router_kwargs):
             return self.tracker.routing_stats(EngineStats(waiting, 0, 100, 100, 0, 0, 0, 0, 0))
 
         async def generate(self, req: dict) -> str:
+            await asyncio.sleep(req.get("sleep_s", 0))
             return self.rid
 
     return Dummy.bind(control)
@@ -67,14 +70,14 @@ def control(ray_session):
     @ray.remote(num_cpus=0)
     class Control:
         def __init__(self) -> None:
-            self.ids: list[str] = []
+            self.ids: dict[str, list[str]] = {}
             self.state: dict[str, tuple[list[int], int]] = {}
 
-        def register(self, rid: str) -> None:
-            self.ids.append(rid)
+        def register(self, app: str, rid: str) -> None:
+            self.ids.setdefault(app, []).append(rid)
 
-        def replica_ids(self) -> list[str]:
-            return sorted(self.ids)
+        def replica_ids(self, app: str) -> list[str]:
+            return sorted(self.ids.get(app, []))
 
         def set(self, rid: str, cached: list[int], waiting: int) -> None:
             self.state[rid] = (cached, waiting)
@@ -85,14 +88,14 @@ def control(ray_session):
     return Control.remote()
 
 
-def _deploy(control, name: str, **router_kwargs):
+def _deploy(control, name: str, **kwargs):
     import ray
     from ray import serve
 
-    handle = serve.run(_app(control, name, **router_kwargs), name=name, route_prefix=None)
+    handle = serve.run(_app(control, name, **kwargs), name=name, route_prefix=None)
     deadline = time.time() + 60
     while True:
-        ids = ray.get(control.replica_ids.remote())
+        ids = ray.get(control.replica_ids.remote(name))
         if len(ids) == 2:
             return handle, ids
         assert time.time() < deadline, "replicas did not register"
@@ -144,3 +147,32 @@ def test_shared_prefix_goes_to_replica_reporting_it_and_overload_is_skipped(cont
         assert [_send(handle, _hashes(1, q)) for q in range(5)] == [a] * 5
     finally:
         serve.delete("router_dummy")
+
+
+def _decision_counts(handle) -> dict[str, int]:
+    # The router lives inside this process's handle; reach it through Serve's internals (test only).
+    return dict(handle._router._asyncio_router.request_router.decisions.counts)
+
+
+def test_full_replica_falls_back_to_next_rank_and_decisions_are_counted(control):
+    import ray
+    from ray import serve
+
+    handle, (a, b) = _deploy(
+        control, "router_full", max_ongoing_requests=1, assumed_ttl_s=0, imbalance=100
+    )
+    try:
+        g1 = _hashes(1, 0)[:4]
+        ray.get([control.set.remote(a, g1, 0), control.set.remote(b, [], 0)])
+        _wait_for(lambda: _send(handle, _hashes(1, 99)) == a, "routing stats to reach the router")
+        before = _decision_counts(handle)
+        # a holds the prefix but is busy with its one allowed request: Ray takes the next rank.
+        slow = handle.generate.remote({"block_hashes": _hashes(1, 1), "sleep_s": 3.0})
+        time.sleep(0.5)
+        assert _send(handle, _hashes(1, 2)) == b
+        assert slow.result(timeout_s=30) == a
+        after = _decision_counts(handle)
+        assert after.get("affinity", 0) - before.get("affinity", 0) == 1
+        assert after.get("fallback", 0) - before.get("fallback", 0) == 1
+    finally:
+        serve.delete("router_full")
