@@ -298,3 +298,161 @@ EXTRAS: list[str] = [
     "Explain the rules of chess castling.",
     "What is an API?",
 ]
+
+# Written after the guard rules and default threshold were chosen and never used to tune them:
+# bench/cache.py --set heldout measures how the cache generalises beyond the set it was tuned on.
+HELDOUT_BASES: list[tuple[str, list[str], str]] = [
+    (
+        "What is the capital of Italy?",
+        ["Which city is Italy's capital?", "Name the capital city of Italy."],
+        "What is the capital of Spain?",
+    ),
+    (
+        "How do I remove duplicates from a list in Python?",
+        [
+            "How can I deduplicate a Python list?",
+            "What's the best way to drop duplicate items from a list in Python?",
+        ],
+        "How do I remove duplicates from an array in JavaScript?",
+    ),
+    (
+        "How many bones are in the adult human body?",
+        [
+            "How many bones does an adult human have?",
+            "What is the number of bones in an adult's body?",
+        ],
+        "How many bones are in a baby's body?",
+    ),
+    (
+        "Who invented the telephone?",
+        ["Who is credited with inventing the telephone?", "Which inventor created the telephone?"],
+        "Who invented the light bulb?",
+    ),
+    (
+        "What is the distance from the Earth to the Moon?",
+        ["How far away is the Moon from Earth?", "How far is the Moon from the Earth?"],
+        "What is the distance from the Earth to the Sun?",
+    ),
+    (
+        "How do I rename a file in Linux?",
+        [
+            "What command renames a file on Linux?",
+            "How can I rename a file from the Linux terminal?",
+        ],
+        "How do I rename a file in Windows?",
+    ),
+    (
+        "What is the atomic number of carbon?",
+        ["What's carbon's atomic number?", "Which atomic number does carbon have?"],
+        "What is the atomic number of oxygen?",
+    ),
+    (
+        "How many teaspoons are in a tablespoon?",
+        ["How many teaspoons make one tablespoon?", "A tablespoon equals how many teaspoons?"],
+        "How many tablespoons are in a cup?",
+    ),
+    (
+        "What is the most spoken language in the world?",
+        [
+            "Which language has the most speakers worldwide?",
+            "What language do the most people in the world speak?",
+        ],
+        "What is the least spoken language in the world?",
+    ),
+    (
+        "How do I make a text bold in Markdown?",
+        ["How can I write bold text in Markdown?", "What is the Markdown syntax for bold?"],
+        "How do I make a text italic in Markdown?",
+    ),
+    (
+        "When was the Eiffel Tower built?",
+        [
+            "In what year was the Eiffel Tower constructed?",
+            "What year was the Eiffel Tower completed?",
+        ],
+        "When was the Statue of Liberty built?",
+    ),
+    (
+        "What is the factorial of 5?",
+        ["Compute the factorial of 5.", "What does 5 factorial equal?"],
+        "What is the factorial of 6?",
+    ),
+    (
+        "How do I merge two dictionaries in Python?",
+        [
+            "What's the way to combine two dicts in Python?",
+            "How can I merge a pair of Python dictionaries?",
+        ],
+        "How do I compare two dictionaries in Python?",
+    ),
+    (
+        "What is the largest ocean on Earth?",
+        ["Which ocean is the biggest on Earth?", "Name the largest ocean in the world."],
+        "What is the deepest ocean trench on Earth?",
+    ),
+    (
+        "How long is a marathon?",
+        ["What is the length of a marathon?", "How many miles is a marathon race?"],
+        "How long is a half marathon?",
+    ),
+    (
+        "What vitamin does sunlight help the body produce?",
+        [
+            "Which vitamin does the body make from sunlight?",
+            "Sunlight helps us produce which vitamin?",
+        ],
+        "What vitamin is found in citrus fruits?",
+    ),
+    (
+        "How do I increase the font size in CSS?",
+        ["How can I make the font bigger with CSS?", "What CSS property increases the text size?"],
+        "How do I decrease the font size in CSS?",
+    ),
+    (
+        "What is the freezing point of salt water?",
+        [
+            "At what temperature does salt water freeze?",
+            "When does seawater freeze, temperature-wise?",
+        ],
+        "What is the boiling point of salt water?",
+    ),
+    (
+        "Who was the first president of the United States?",
+        [
+            "Who served as the first US president?",
+            "Which person was the first president of the United States?",
+        ],
+        "Who was the second president of the United States?",
+    ),
+    (
+        "How many strings does a standard guitar have?",
+        [
+            "How many strings are on a normal guitar?",
+            "What is the number of strings on a standard guitar?",
+        ],
+        "How many strings does a standard violin have?",
+    ),
+]
+
+HELDOUT_EXTRAS: list[str] = [
+    "What is the difference between RAM and storage?",
+    "How do earthquakes happen?",
+    "Write a limerick about a cat.",
+    "What is a good name for a coffee shop?",
+    "How does compound interest work?",
+    "What is the theory of evolution?",
+    "Explain what DNS does.",
+    "How do I care for a succulent?",
+    "What is a sonnet?",
+    "Why do we dream?",
+    "What is quantum computing?",
+    "How do electric cars work?",
+    "What is the stock market?",
+    "How do birds migrate?",
+    "What is a neural network?",
+    "How should I prepare for a job interview?",
+    "What is the greenhouse effect?",
+    "Why is exercise good for the brain?",
+    "What is blockchain?",
+    "How do I brew pour-over coffee?",
+]

@@ -58,7 +58,9 @@ class SemanticCacheConfig(BaseModel):
         True, description="Cache only temperature-0 requests (sampled answers are meant to vary)."
     )
     batch_wait_ms: float = Field(
-        2.0, description="How long concurrent lookups are collected before one batched embed call."
+        1.0,
+        description="How long concurrent lookups are collected before one batched embed call "
+        "(lookups arriving while a batch runs also wait for the next one).",
     )
     max_batch_size: int = Field(64, description="Most prompts embedded in one call.")
     embed_threads: int = Field(

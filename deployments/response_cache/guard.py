@@ -12,8 +12,9 @@ semantic hit must also pass these checks on the two texts (query q, stored candi
 3. Polar words match as sets: a short lexicon of direction/extreme/opposite words
    (ascending/descending, largest/smallest, add/remove, ...), whose swap flips the answer but
    barely moves the embedding.
-4. Direction: for content words shared by both texts, the word right after "to"/"into" (the
-   target of a conversion or move) must not differ.
+4. Direction: no conversion/move in one text runs the other way in the other: "X to/into/as Y"
+   read as X -> Y (articles skipped), so "string to an int" and "parse a string as an integer"
+   conflict with "convert an integer to a string".
 5. No single-slot swap: the content words (function words dropped, light stemming) are not the same
    sequence with exactly one word replaced by an unrelated one ("legs of a spider" vs "legs of an
    insect", "symbol for gold" vs "symbol for silver"). Paraphrases restructure the sentence; a
@@ -31,6 +32,7 @@ _WORD = re.compile(r"[A-Za-z][A-Za-z'\-]*|\d+(?:[.,]\d+)*")
 # A quote opens after whitespace or at the start, closes before whitespace/punctuation/the end, so
 # apostrophes ("what's gold's") are not quotes.
 _QUOTED = re.compile(r"(?:^|(?<=\s))[\"'`“‘]([^\"`“”]{1,80}?)[\"'`”’](?=[\s?.!,;:]|$)")
+_ARTICLES = frozenset({"a", "an", "the"})
 _CODE = re.compile(r"\b\w+(?:[._/:]\w+)+\b|\b[a-z]+[A-Z]\w*\b|\b\w*_\w+\b")
 
 # Function words and question/request words: never key terms, never content words.
@@ -131,7 +133,7 @@ class TextFeatures:
     polar: frozenset[str]
     content: frozenset[str]  # stemmed content words
     content_seq: tuple[str, ...]  # the same, in text order
-    to_targets: frozenset[str]  # stemmed content words right after "to"/"into"
+    moves: frozenset[tuple[str, str]]  # (source, target) stems of "X to/into/as Y"
 
 
 def features(text: str) -> TextFeatures:
@@ -150,19 +152,20 @@ def features(text: str) -> TextFeatures:
     key.update("q:" + m.strip().lower() for m in _QUOTED.findall(text))
     key.update("c:" + m for m in _CODE.findall(text))
     content = [_stem(w) for w in lower if w not in STOPWORDS and w not in NEGATIONS]
-    targets: set[str] = set()
-    for i, w in enumerate(lower[:-1]):
-        if w in ("to", "into"):
-            nxt = [x for x in lower[i + 1 : i + 3] if x not in ("a", "an", "the")]
-            if nxt and nxt[0] not in STOPWORDS:
-                targets.add(_stem(nxt[0]))
+    moves: set[tuple[str, str]] = set()
+    for i, w in enumerate(lower):
+        if w in ("to", "into", "as") and 0 < i < len(lower) - 1:
+            src = [x for x in lower[max(0, i - 2) : i] if x not in _ARTICLES]
+            dst = [x for x in lower[i + 1 : i + 3] if x not in _ARTICLES]
+            if src and dst and src[-1] not in STOPWORDS and dst[0] not in STOPWORDS:
+                moves.add((_stem(src[-1]), _stem(dst[0])))
     return TextFeatures(
         key_terms=frozenset(key),
         negated=any(w in NEGATIONS or w.endswith("n't") for w in lower),
         polar=frozenset(POLAR_WORDS[w] for w in lower if w in POLAR_WORDS),
         content=frozenset(content),
         content_seq=tuple(content),
-        to_targets=frozenset(targets),
+        moves=frozenset(moves),
     )
 
 
@@ -174,13 +177,21 @@ def guard_reason(q: TextFeatures, c: TextFeatures) -> str | None:
         return "negation"
     if q.polar != c.polar:
         return "polar"
-    shared = q.content & c.content
-    if (q.to_targets & shared) and (c.to_targets & shared) and q.to_targets != c.to_targets:
+    if _reversed(q, c):
         return "direction"
     a, b = q.content_seq, c.content_seq
     if len(a) == len(b) and sum(not _same_family(x, y) for x, y in zip(a, b, strict=True)) == 1:
         return "swap"
     return None
+
+
+def _reversed(q: TextFeatures, c: TextFeatures) -> bool:
+    """Some move a -> b of q appears as b -> a in c."""
+    return any(
+        _same_family(a, d) and _same_family(b, s) and not _same_family(a, b)
+        for a, b in q.moves
+        for s, d in c.moves
+    )
 
 
 def _same_family(a: str, b: str) -> bool:
