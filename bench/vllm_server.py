@@ -4,8 +4,8 @@
         result = await run_workload(srv.url, srv.model_name, make_workload("W1"))
 
 The venv comes from bench/setup_vllm.sh. The server runs in its own process group on a free local
-port and is killed as a group on exit (vLLM's engine core is a child process). Its log goes to a file,
-printed in part when start-up fails. Run as a script it serves until Ctrl-C:
+port and is killed as a group on exit (vLLM's engine core is a child process). Its log goes to a
+file, printed in part when start-up fails. Run as a script it serves until Ctrl-C:
 
     python bench/vllm_server.py --vllm-python /work/vllm-venv/bin/python --model demo
 """
@@ -40,7 +40,7 @@ def resolve_model_dir(name_or_path: str) -> str:
 
         return resolve_model(name_or_path, progress=False)
     if not Path(name_or_path, "config.json").is_file():
-        raise ValueError(f"model must be demo, demo-small or a local HF folder, got {name_or_path!r}")
+        raise ValueError(f"model must be demo, demo-small or a local HF folder: {name_or_path!r}")
     return name_or_path
 
 
