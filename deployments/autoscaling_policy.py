@@ -120,6 +120,7 @@ class FleetlmPolicy:
         self.history: list[dict[str, Any]] = []
         self.dirty_since: float | None = None
         self.last_kind = ""
+        self.last_version = -1
 
     def __call__(self, ctx: AutoscalingContext) -> tuple[int, dict[str, Any]]:
         now = ctx.current_time or time.time()
@@ -150,8 +151,8 @@ class FleetlmPolicy:
     ) -> None:
         kind = reason.split(":", 1)[0]  # e.g. "hold at 2", "scale up 1->3"
         changed = n != ctx.target_num_replicas
-        if kind != self.last_kind or changed:
-            self.last_kind = kind
+        if kind != self.last_kind or changed or self.version != self.last_version:
+            self.last_kind, self.last_version = kind, self.version
             self.history.append(
                 {
                     "t": round(now, 3),
