@@ -6,8 +6,6 @@ router's input) -> one streamed handle call per prompt -> SSE chunks or one JSON
 Every error is an OpenAI error object; Serve's proxy adds ``x-request-id`` to every response.
 """
 
-from __future__ import annotations
-
 import asyncio
 import hashlib
 import logging
@@ -23,6 +21,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from deployments.ingress_metrics import RequestTimer, rt_metrics
 from deployments.model_runtime import ModelRuntime, load_runtime
 from deployments.openai_format import (
     SSE_DONE,
@@ -70,6 +69,12 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
     return JSONResponse(
         error_body(str(exc.detail), kind, None, exc.status_code), status_code=exc.status_code
+    )
+
+
+def _internal(rid: str) -> APIError:
+    return APIError(
+        500, f"internal error (request id {rid}); see the server log", type="server_error"
     )
 
 
@@ -182,45 +187,7 @@ class OpenAIIngress:
         # Metric label: only served model names (a client can't grow the label set).
         model = body.model if body.model in self.runtimes else "unknown"
         try:
-            namespace = self._auth(request)
-            rt = self._runtime(body.model)
-            sampling = body.sampling()
-            n = body.n
-            cached = await rt.cache_lookup(namespace, body)
-            if cached is not None:
-                return self._cached_response(rt, body, chat, rid, cached, t0)
-            prompts = await self._prompt_ids(rt, body, chat)
-            reqs = [
-                self._replica_request(rt, f"{rid}-{i}", ids, sampling, n)
-                for i, ids in enumerate(prompts)
-            ]
-            session = request.headers.get("x-session-id")
-            if session:
-                for r in reqs:
-                    r["session_id"] = session
-            calls = await self._open_calls(rt, reqs, rid)
-        except APIError as e:
-            rt_metrics(model).error(e.status)
-            return error_response(e)
-        except Exception:
-            logger.exception("request %s failed before streaming", rid)
-            rt_metrics(model).error(500)
-            return error_response(_internal(rid))
-        headers = {
-            "x-fleetlm-replica": ",".join(dict.fromkeys(c.replica for c in calls)),
-            "x-fleetlm-cache": "miss",
-        }
-        tracker = RequestTimer(model, t0)
-        writer = ChunkWriter(chat, rid, int(time.time()), model, rt.token_text)
-        if body.stream:
-            gen = self._sse(rt, body, calls, n, writer, tracker, namespace)
-            return StreamingResponse(gen, media_type="text/event-stream", headers=headers)
-        states: dict[int, ChoiceState] = defaultdict(ChoiceState)
-        try:
-            async for items in self._deltas(calls, n):
-                tracker.chunk(sum(len(d["token_ids"]) for _, d in items))
-                for idx, d in items:
-                    apply_delta(states[idx], d)
+            return await self._respond(request, body, chat, rid, t0)
         except APIError as e:
             rt_metrics(model).error(e.status)
             return error_response(e)
@@ -228,8 +195,41 @@ class OpenAIIngress:
             logger.exception("request %s failed", rid)
             rt_metrics(model).error(500)
             return error_response(_internal(rid))
+
+    async def _respond(
+        self,
+        request: Request,
+        body: CompletionRequest | ChatCompletionRequest,
+        chat: bool,
+        rid: str,
+        t0: float,
+    ) -> Any:
+        namespace = self._auth(request)
+        rt = self._runtime(body.model)
+        sampling = body.sampling()
+        n = body.n
+        cached = await rt.cache_lookup(namespace, body)
+        if cached is not None:
+            return self._cached_response(rt, body, chat, rid, cached, t0)
+        prompts = await self._prompt_ids(rt, body, chat)
+        req = self._replica_request(rt, rid, prompts, sampling, n)
+        session = request.headers.get("x-session-id")
+        if session:
+            req["session_id"] = session
+        call = await self._open(rt, req, rid)
+        headers = {"x-fleetlm-replica": call.replica, "x-fleetlm-cache": "miss"}
+        tracker = RequestTimer(rt.name, t0)
+        writer = ChunkWriter(chat, rid, int(time.time()), rt.name, rt.token_text)
+        if body.stream:
+            gen = self._sse(rt, body, call, n, writer, tracker, namespace)
+            return StreamingResponse(gen, media_type="text/event-stream", headers=headers)
+        states: dict[int, ChoiceState] = defaultdict(ChoiceState)
+        async for items in self._deltas(call):
+            tracker.chunk(sum(len(d["token_ids"]) for _, d in items))
+            for idx, d in items:
+                apply_delta(states[idx], d)
         build = chat_body if chat else completion_body
-        out = build(rid, writer.created, model, dict(states), n, rt.token_text)
+        out = build(rid, writer.created, rt.name, dict(states), n, rt.token_text)
         tracker.done(public_finish_reason(states[0].finish_reason))
         await rt.cache_store(namespace, body, out)
         return JSONResponse(out, headers=headers)
@@ -248,35 +248,33 @@ class OpenAIIngress:
         return prompts  # type: ignore[return-value]
 
     def _replica_request(
-        self, rt: ModelRuntime, rid: str, ids: list[int], sampling: dict[str, Any], n: int
+        self,
+        rt: ModelRuntime,
+        rid: str,
+        prompts: list[list[int]],
+        sampling: dict[str, Any],
+        n: int,
     ) -> dict[str, Any]:
-        rt.check_prompt(ids, sampling)
+        """One replica call for the whole request (see LLMServer.generate for the format)."""
+        for ids in prompts:
+            rt.check_prompt(ids, sampling)
         s = dict(sampling)
         if s.get("max_tokens") is None:
-            s["max_tokens"] = rt.max_model_len - len(ids)
-        return {
+            s["max_tokens"] = rt.max_model_len - max(len(ids) for ids in prompts)
+        req: dict[str, Any] = {
             "request_id": rid,
-            "prompt_token_ids": ids,
+            "prompt_token_ids": prompts[0],
             "sampling": s,
             "n": n,
-            "block_hashes": block_hashes(ids, rt.block_size),
+            # The router's input: the first prompt's blocks, hashed as the engine hashes them.
+            "block_hashes": block_hashes(prompts[0], rt.block_size),
         }
+        if len(prompts) > 1:
+            req["prompts"] = prompts
+        return req
 
-    async def _open_calls(
-        self, rt: ModelRuntime, reqs: list[dict[str, Any]], rid: str
-    ) -> list[Call]:
-        results = await asyncio.gather(
-            *(self._open_one(rt, r, rid) for r in reqs), return_exceptions=True
-        )
-        failed = [r for r in results if isinstance(r, BaseException)]
-        if failed:
-            for r in results:
-                if isinstance(r, Call):
-                    r.gen.cancel()
-            raise failed[0]
-        return results  # type: ignore[return-value]
-
-    async def _open_one(self, rt: ModelRuntime, req: dict[str, Any], rid: str) -> Call:
+    async def _open(self, rt: ModelRuntime, req: dict[str, Any], rid: str) -> Call:
+        """Start the streamed call and wait for its first message: its status decides ours."""
         from ray.serve.exceptions import BackPressureError
 
         gen = rt.handle.options(stream=True).generate.remote(req)
@@ -293,29 +291,28 @@ class OpenAIIngress:
             ) from None
         except StopAsyncIteration:
             raise _internal(rid) from None
+        except BaseException:
+            gen.cancel()
+            raise
         if "error" in first:
             gen.cancel()
             raise APIError.from_dict(first["error"])
         return Call(gen, first)
 
-    async def _deltas(
-        self, calls: list[Call], n: int
-    ) -> AsyncIterator[list[tuple[int, dict[str, Any]]]]:
-        """Merged replica messages as [(choice index, delta)], one list per coalesced step."""
-        merged = merge_coalesced([c.messages() for c in calls])
+    async def _deltas(self, call: Call) -> AsyncIterator[list[tuple[int, dict[str, Any]]]]:
+        """Replica messages as [(choice index, delta)]; what piled up meanwhile comes as one."""
+        merged = merge_coalesced([call.messages()])
         try:
             async for batch in merged:
                 by_idx: dict[int, dict[str, Any]] = {}
-                for prompt_idx, msg in batch:
+                for _, msg in batch:
                     if "error" in msg:
                         raise APIError.from_dict(msg["error"])
                     for d in msg["outputs"]:
-                        idx = prompt_idx * n + d["index"]
+                        idx = d["index"]
                         by_idx[idx] = merge_deltas(by_idx[idx], d) if idx in by_idx else d
                 yield list(by_idx.items())
         except StreamError as e:
-            if isinstance(e.error, APIError):
-                raise e.error from None
             raise e.error from None
         finally:
             await merged.aclose()
@@ -324,14 +321,14 @@ class OpenAIIngress:
         self,
         rt: ModelRuntime,
         body: CompletionRequest | ChatCompletionRequest,
-        calls: list[Call],
+        call: Call,
         n: int,
         writer: ChunkWriter,
         tracker: RequestTimer,
         namespace: str,
     ) -> AsyncIterator[str]:
         states: dict[int, ChoiceState] = defaultdict(ChoiceState)
-        deltas = self._deltas(calls, n)
+        deltas = self._deltas(call)
         try:
             async for items in deltas:
                 tracker.chunk(sum(len(d["token_ids"]) for _, d in items))
@@ -403,88 +400,3 @@ class OpenAIIngress:
             for i, ids in zip(idxs, enc, strict=True):
                 out[i] = ids
         return out
-
-
-def _internal(rid: str) -> APIError:
-    return APIError(
-        500, f"internal error (request id {rid}); see the server log", type="server_error"
-    )
-
-
-class RequestTimer:
-    """Client-visible latency metrics of one request (TTFT, ITL, TPOT, E2E), recorded at the end."""
-
-    def __init__(self, model: str, t0: float) -> None:
-        self.model = model
-        self.t0 = t0
-        self.first: float | None = None
-        self.last = t0
-        self.num_tokens = 0
-        self.gaps: list[float] = []
-
-    def chunk(self, num_tokens: int) -> None:
-        now = time.monotonic()
-        if self.first is None:
-            self.first = now
-        else:
-            self.gaps.append(now - self.last)
-        self.last = now
-        self.num_tokens += num_tokens
-
-    def done(self, finish_reason: str | None) -> None:
-        m = rt_metrics(self.model)
-        m.latency(self)
-        m.success(finish_reason or "stop")
-
-
-class _IngressMetrics:
-    """Thin wrapper: deployments/metrics.py when present, otherwise nothing is recorded."""
-
-    def __init__(self, model: str) -> None:
-        self.model = model
-        try:
-            from deployments.metrics import get_metrics
-
-            self.m: Any = get_metrics()
-        except ModuleNotFoundError:
-            self.m = None
-
-    def _safe(self, fn: str, name: str, value: float, **labels: Any) -> None:
-        if self.m is None:
-            return
-        try:
-            getattr(self.m, fn)(name, value, model=self.model, **labels)
-        except Exception:  # metrics must never fail a request
-            logger.exception("metric %s failed", name)
-
-    def error(self, status: int) -> None:
-        self._safe("inc", "request_errors_total", 1, status=status)
-
-    def success(self, finish_reason: str) -> None:
-        self._safe("inc", "request_success_total", 1, finish_reason=finish_reason)
-
-    def cache_hit(self, kind: str, seconds: float) -> None:
-        self._safe("inc", "response_cache_hits_total", 1, kind=kind)
-        self._safe("observe", "response_cache_hit_latency_seconds", seconds, kind=kind)
-
-    def latency(self, t: RequestTimer) -> None:
-        if t.first is None:
-            return
-        ttft = t.first - t.t0
-        self._safe("observe", "time_to_first_token_seconds", ttft)
-        self._safe("observe", "e2e_request_latency_seconds", t.last - t.t0)
-        for g in t.gaps:
-            self._safe("observe", "inter_token_latency_seconds", g)
-        if t.num_tokens > 1:
-            tpot = (t.last - t.first) / (t.num_tokens - 1)
-            self._safe("observe", "request_time_per_output_token_seconds", tpot)
-
-
-_metrics_by_model: dict[str, _IngressMetrics] = {}
-
-
-def rt_metrics(model: str) -> _IngressMetrics:
-    m = _metrics_by_model.get(model)
-    if m is None:
-        m = _metrics_by_model[model] = _IngressMetrics(model)
-    return m

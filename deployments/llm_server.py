@@ -3,7 +3,8 @@
 The ingress calls ``handle.options(stream=True).generate.remote(req)`` with::
 
     req = {"request_id": str, "prompt_token_ids": [int], "sampling": {SamplingParams fields},
-           "n": int, "block_hashes": [int]}   # block_hashes: read by the router, not here
+           "n": int, "block_hashes": [int],     # block_hashes: read by the router, not here
+           "prompts": [[int], ...]}             # optional: every prompt of a multi-prompt request
 
 and reads messages ``{"replica": id, "outputs": [delta, ...]}`` (delta format: openai_format.py) or
 one ``{"error": {...}}`` (APIError.to_dict()). Errors travel as messages, not exceptions, so a bad
@@ -112,12 +113,16 @@ class LLMServer:
         self._ensure_metrics_task()
         rid = str(req["request_id"])
         n = int(req.get("n", 1))
+        # A multi-prompt request is one call (choice index = prompt index * n + i): Serve gives
+        # every handle call of one HTTP request the same internal id, so calls must not overlap.
+        prompts = req.get("prompts") or [req["prompt_token_ids"]]
         try:
             params = choice_params(req.get("sampling") or {}, n)
         except (ValueError, TypeError) as e:
             yield {"error": APIError(400, str(e), param=param_from_message(str(e))).to_dict()}
             return
-        if self.num_inflight + n > self.max_sequences:
+        total = n * len(prompts)
+        if self.num_inflight + total > self.max_sequences:
             err = APIError(
                 429,
                 f"replica queue is full ({self.num_inflight} sequences); retry shortly",
@@ -127,15 +132,18 @@ class LLMServer:
             )
             yield {"error": err.to_dict()}
             return
-        ids = list(req["prompt_token_ids"])
+        jobs = [
+            (rid if total == 1 else f"{rid}-{pi * n + i}", list(ids), p)
+            for pi, ids in enumerate(prompts)
+            for i, p in enumerate(params)
+        ]
+        n = total
         self.num_inflight += n
         finished = 0
         start = time.monotonic()
         first = True
         try:
-            sources = [
-                self._stream(rid if n == 1 else f"{rid}-{i}", ids, p) for i, p in enumerate(params)
-            ]
+            sources = [self._stream(job_id, ids, p) for job_id, ids, p in jobs]
             async for batch in merge_coalesced(sources):
                 merged: dict[int, dict[str, Any]] = {}
                 for i, out in batch:
