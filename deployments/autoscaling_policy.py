@@ -23,7 +23,7 @@ from dataclasses import replace
 from typing import Any
 
 from ray.experimental import internal_kv
-from ray.serve.config import AutoscalingConfig, AutoscalingContext, AutoscalingPolicy
+from ray.serve.config import AutoscalingContext
 
 from autoscaling.decide import Params, ReplicaLoad, Snapshot, State, decide
 from autoscaling.policy_file import Policy
@@ -53,24 +53,27 @@ def serve_autoscaling_config(
     min_replicas: int,
     max_replicas: int,
     initial_replicas: int | None = None,
-) -> AutoscalingConfig:
-    """The replica deployment's autoscaling_config. min/max are hard bounds Serve enforces; the
-    live policy's own min/max apply inside them. Serve's own delays and factors are neutral so
-    decide() alone sets the pace; metrics are pushed every second over a 2 s look-back."""
-    return AutoscalingConfig(
-        min_replicas=min_replicas,
-        max_replicas=max_replicas,
-        initial_replicas=initial_replicas,
-        upscale_delay_s=0.0,
-        downscale_delay_s=0.0,
-        downscale_to_zero_delay_s=0.0,
-        metrics_interval_s=1.0,
-        look_back_period_s=2.0,
-        policy=AutoscalingPolicy(
-            policy_function="deployments.autoscaling_policy:FleetlmPolicy",
-            policy_kwargs={"model": model},
-        ),
-    )
+) -> dict[str, Any]:
+    """The replica deployment's `autoscaling_config` (a dict Serve validates into its
+    AutoscalingConfig). min/max are hard bounds Serve enforces; the live policy's own min/max apply
+    inside them (min_replicas 0 here lets the policy's scale_to_zero_after_s work). Serve's own
+    delays and factors are neutral, so decide() alone sets the pace (Serve's defaults would add a
+    30 s upscale and a 600 s downscale delay after it); replicas push metrics every second over a
+    2 s look-back. The policy class and its kwargs never change, so no edit restarts replicas."""
+    return {
+        "min_replicas": min_replicas,
+        "max_replicas": max_replicas,
+        "initial_replicas": initial_replicas,
+        "upscale_delay_s": 0.0,
+        "downscale_delay_s": 0.0,
+        "downscale_to_zero_delay_s": 0.0,
+        "metrics_interval_s": 1.0,
+        "look_back_period_s": 2.0,
+        "policy": {
+            "policy_function": "deployments.autoscaling_policy:FleetlmPolicy",
+            "policy_kwargs": {"model": model},
+        },
+    }
 
 
 # -- the store ------------------------------------------------------------------------------------
