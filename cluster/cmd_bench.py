@@ -24,7 +24,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workload", required=True, type=str.upper, choices=["W1", "W2", "W3", "W5"])
     drive = p.add_argument_group("driving (defaults come from the workload)")
     drive.add_argument("--concurrency", type=int, help="max requests in flight")
-    drive.add_argument("--rate", type=float, help="Poisson arrival rate, requests/s")
+    drive.add_argument(
+        "--rate",
+        type=parse_rates,
+        help="Poisson arrival rate, requests/s; a comma list (1,2,4,8) runs a sweep, one run each",
+    )
     size = p.add_argument_group("workload size (defaults per WORKLOADS.md)")
     size.add_argument("--num-requests", type=int, help="W1/W3/W5: number of requests")
     size.add_argument("--prompt-len", type=int, help="W1/W3 prompt tokens; W5 repeated segment")
@@ -72,15 +76,26 @@ def tokenizer_vocab(name_or_path: str) -> tuple[int, set[int]]:
     return len(tok), set(tok.all_special_ids)
 
 
+def parse_rates(text: str) -> list[float]:
+    try:
+        rates = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"--rate must be numbers separated by commas: {e}") from e
+    if not rates or any(not r > 0 for r in rates):
+        raise argparse.ArgumentTypeError(f"--rate values must be > 0, got {text!r}")
+    return rates
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
-    from cluster.bench import SLO, first_model, make_workload, run_workload, summary_text
-    from cluster.bench.report import write_json
+    from cluster.bench import SLO, BenchResult, first_model, make_workload, run_workload
+    from cluster.bench.report import summary_text, sweep_text, write_json
 
     vocab_size, exclude = 4096, set()
     if args.tokenizer:
         vocab_size, exclude = tokenizer_vocab(args.tokenizer)
     if args.vocab_size:
         vocab_size = args.vocab_size
+    rates: list[float | None] = list(args.rate) if args.rate else [None]
     try:
         workload = make_workload(
             args.workload,
@@ -94,42 +109,51 @@ def cmd_bench(args: argparse.Namespace) -> int:
             prompts_per_group=args.prompts_per_group,
             prefix_len=args.prefix_len,
             question_len=args.question_len,
-            rate=args.rate,
+            rate=rates[0],
             concurrency=args.concurrency,
         )
         slo = SLO(args.slo_ttft_ms, args.slo_tpot_ms, args.slo_e2e_ms)
     except ValueError as e:
         raise CLIError(str(e)) from e
 
-    async def go():
+    async def go() -> list[BenchResult]:
         model = args.model or await first_model(args.url, args.api_key)
-        return await run_workload(
-            args.url,
-            model,
-            workload,
-            api_key=args.api_key,
-            slo=slo,
-            timeout_s=args.timeout,
-            seed=args.seed,
-            progress=not args.no_progress,
-            continuous_usage=not args.no_continuous_usage,
-        )
+        results = []
+        for rate in rates:
+            r = await run_workload(
+                args.url,
+                model,
+                workload,
+                rate=rate,
+                api_key=args.api_key,
+                slo=slo,
+                timeout_s=args.timeout,
+                seed=args.seed,
+                progress=not args.no_progress,
+                continuous_usage=not args.no_continuous_usage,
+            )
+            print(summary_text(r), flush=True)
+            results.append(r)
+        return results
 
     try:
-        result = asyncio.run(go())
+        results = asyncio.run(go())
     except ValueError as e:
         raise CLIError(str(e)) from e
     except (OSError, httpx.HTTPError) as e:  # /v1/models unreachable or refused
         raise CLIError(f"cannot list models at {args.url}: {e}") from e
-    print(summary_text(result))
+    sweep = len(results) > 1
+    if sweep:
+        print(sweep_text(results))
     if args.json:
-        print(f"wrote {write_json(result, args.json)}")
+        print(f"wrote {write_json(results if sweep else results[0], args.json)}")
     if args.png:
-        from cluster.bench.plots import write_png
+        from cluster.bench.plots import write_png, write_sweep_png
 
-        print(f"wrote {write_png(result, args.png)}")
+        png = write_sweep_png(results, args.png) if sweep else write_png(results[0], args.png)
+        print(f"wrote {png}")
     # Exit 1 when every request failed, so scripts notice a dead or misconfigured server.
-    if result.completed == 0:
+    if all(r.completed == 0 for r in results):
         print("fleetlm bench: every request failed", file=sys.stderr)
         return 1
     return 0

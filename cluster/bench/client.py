@@ -218,10 +218,12 @@ async def run_workload(
 
         rng = random.Random(seed)
         start = time.perf_counter()
+        due = start  # absolute arrival schedule: a late wake-up does not delay later arrivals
         tasks = []
         for i in range(n):
             if rate is not None and i > 0:
-                await asyncio.sleep(rng.expovariate(rate))
+                due += rng.expovariate(rate)
+                await asyncio.sleep(max(0.0, due - time.perf_counter()))
             tasks.append(asyncio.create_task(one(i)))
         await asyncio.gather(*tasks)
         duration = time.perf_counter() - start

@@ -35,6 +35,44 @@ def write_png(r: BenchResult, path: str | Path) -> Path:
     return p
 
 
+def write_sweep_png(results: list[BenchResult], path: str | Path) -> Path:
+    """A rate sweep: TTFT/TPOT percentiles, output throughput and goodput against offered rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rates = [r.config.get("rate") or 0.0 for r in results]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    for ax, name, attr in ((axes[0], "TTFT", "ttft_ms"), (axes[1], "TPOT", "tpot_ms")):
+        for pct in ("p50", "p90", "p99"):
+            ax.plot(rates, [getattr(getattr(r, attr), pct) for r in results], "o-", label=pct)
+        slo = results[0].slo.ttft_ms if name == "TTFT" else results[0].slo.tpot_ms
+        if slo is not None:
+            ax.axhline(slo, color="grey", linestyle="--", linewidth=1, label="SLO")
+        ax.set_xlabel("offered rate (req/s)")
+        ax.set_ylabel(f"{name} (ms)")
+        ax.set_title(f"{name} vs rate")
+        ax.legend()
+    ax = axes[2]
+    ax.plot(rates, [r.output_throughput for r in results], "o-", color="#4c72b0")
+    ax.set_ylabel("output tok/s", color="#4c72b0")
+    ax.set_xlabel("offered rate (req/s)")
+    ax.set_title("Throughput and goodput vs rate")
+    ax2 = ax.twinx()
+    ax2.plot(rates, [r.goodput for r in results], "s--", color="#55a868")
+    ax2.plot(rates, [r.request_throughput for r in results], ".:", color="grey")
+    ax2.set_ylabel("goodput (green) / completed (grey), req/s")
+    c = results[0].config
+    fig.suptitle(f"{c.get('workload')} rate sweep on {c.get('model')} @ {c.get('url')}")
+    fig.tight_layout()
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(p, dpi=100)
+    plt.close(fig)
+    return p
+
+
 def _latency_panel(ax, r: BenchResult) -> None:
     names = ["TTFT", "TPOT", "ITL", "E2E"]
     stats = [r.ttft_ms, r.tpot_ms, r.itl_ms, r.e2e_ms]

@@ -79,12 +79,39 @@ def _slo_text(r: BenchResult) -> str:
     return ",".join(parts) or "no SLO"
 
 
-def write_json(r: BenchResult, path: str | Path, include_requests: bool = True) -> Path:
-    """Write the result as JSON (per-request rows too unless `include_requests` is False)."""
-    d = r.to_dict()
-    if not include_requests:
-        d.pop("requests")
+def sweep_text(results: list[BenchResult]) -> str:
+    """One row per run of a rate sweep: where latency and goodput break (W3's saturation point)."""
+    head = (
+        f"{'rate':>7} {'req/s':>7} {'out tok/s':>10} {'TTFT p50':>9} {'TTFT p99':>9} "
+        f"{'TPOT p50':>9} {'TPOT p99':>9} {'goodput':>8} {'failed':>6}"
+    )
+    rows = [head]
+    for r in results:
+        rate = r.config.get("rate")
+        rows.append(
+            f"{rate if rate is not None else 'inf':>7} {r.request_throughput:>7.2f} "
+            f"{r.output_throughput:>10.1f} {r.ttft_ms.p50:>9.1f} {r.ttft_ms.p99:>9.1f} "
+            f"{r.tpot_ms.p50:>9.1f} {r.tpot_ms.p99:>9.1f} {r.goodput:>8.2f} {r.failed:>6}"
+        )
+    return "\n".join(rows)
+
+
+def write_json(
+    r: BenchResult | list[BenchResult], path: str | Path, include_requests: bool = True
+) -> Path:
+    """Write a result (or a sweep's results, as {"sweep": [...]}) as JSON.
+
+    Per-request rows are included unless `include_requests` is False.
+    """
+
+    def one(x: BenchResult) -> dict:
+        d = x.to_dict()
+        if not include_requests:
+            d.pop("requests")
+        return d
+
+    doc = {"sweep": [one(x) for x in r]} if isinstance(r, list) else one(r)
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(d, indent=2) + "\n")
+    p.write_text(json.dumps(doc, indent=2) + "\n")
     return p
