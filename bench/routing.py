@@ -1,0 +1,304 @@
+"""Routing policies on W2 (shared prefix) through the served path, plus W1 over HTTP against vLLM.
+
+One run, same machine, same model, same prompts:
+- W2 on ``--replicas`` (2) replicas, once per policy (prefix_aware, pow2, round_robin), each on a
+  freshly deployed app (cold caches). Each replica's KV cache holds ``--kv-fraction`` (0.6) of the
+  distinct prefix tokens G x S (WORKLOADS.md): prefixes can't all fit on every replica, so where
+  requests go decides the hit rate.
+- W1 at concurrency 32 through HTTP: one fleetlm replica, then vLLM's CPU OpenAI server (when
+  ``--vllm-python`` is given), one server at a time on the same cores.
+
+    python bench/routing.py --json out/routing.json [--vllm-python /work/vllm-venv/bin/python]
+    python bench/routing.py --groups 8 --prompts-per-group 8 --skip-w1     # a quicker look
+
+Targets (issue 3): prefix_aware >= 2x pow2's prefix-cache hit rate and <= 0.6x its mean TTFT;
+fleetlm >= 1.0x vLLM on W1 output tok/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import re
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from cluster.bench.client import run_workload
+from cluster.bench.metrics import BenchResult
+from cluster.bench.workloads import make_workload
+from cluster.config import ClusterConfig
+from cluster.serve_config import APP_NAME
+
+POLICIES = ("prefix_aware", "pow2", "round_robin")
+BLOCK_SIZE = 16  # EngineConfig's default; the KV sizing below counts in these blocks
+_DECISION_RE = re.compile(r"^ray_fleetlm_router_decisions_total\{([^}]*)\}\s+([0-9.eE+-]+)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def w2_kv_blocks(groups: int, prefix_len: int, fraction: float, request_tokens: int) -> int:
+    """Blocks per replica to hold ``fraction`` of the distinct prefix tokens (and one request)."""
+    want = math.ceil(fraction * groups * prefix_len / BLOCK_SIZE)
+    return max(want, math.ceil(request_tokens / BLOCK_SIZE) + 1)
+
+
+def cluster_config(
+    model: str,
+    port: int,
+    replicas: int,
+    policy: str,
+    imbalance: int,
+    engine: dict[str, Any],
+    cpus_per_replica: float,
+) -> ClusterConfig:
+    return ClusterConfig.model_validate(
+        {
+            "models": [
+                {
+                    "name": model,
+                    "model": model,
+                    "num_replicas": replicas,
+                    "engine": engine,
+                    "resources_per_replica": {"num_cpus": cpus_per_replica},
+                    # Every W2 prompt is unique, but keep the response cache out of the figures.
+                    "caches": {"exact": {"enabled": False}},
+                }
+            ],
+            "router": {"policy": policy, "imbalance": imbalance, "stats_period_s": 1.0},
+            "http": {"host": "127.0.0.1", "port": port},
+        }
+    )
+
+
+def deploy_and_wait(cfg: ClusterConfig) -> str:
+    from cluster.cmd_serve import deploy, wait_until_ready
+
+    deploy(cfg)
+    wait_until_ready(APP_NAME, timeout_s=900)
+    return f"http://127.0.0.1:{cfg.http.port}"
+
+
+def undeploy() -> None:
+    from ray import serve
+
+    serve.delete(APP_NAME)
+
+
+def warm_up(url: str, model: str, n: int) -> None:
+    """A few short requests, so one-off costs (first forward, allocator) stay out of the figures.
+
+    Their token ids (1..) share no block with the workload's prompts (drawn from 16 upwards).
+    """
+
+    async def go() -> None:
+        async with httpx.AsyncClient(timeout=300) as c:
+            rs = await asyncio.gather(
+                *(
+                    c.post(
+                        f"{url}/v1/completions",
+                        json={"model": model, "prompt": [1 + i % 8] * 20, "max_tokens": 4},
+                    )
+                    for i in range(n)
+                )
+            )
+            for r in rs:
+                r.raise_for_status()
+
+    asyncio.run(go())
+
+
+def router_decisions(url: str, policy: str, expect: int, wait_s: float) -> dict[str, int]:
+    """Decisions by reason for ``policy`` from the ingress's /metrics (Ray exports every few s)."""
+    deadline = time.monotonic() + wait_s
+    counts: dict[str, int] = {}
+    while True:
+        try:
+            text = httpx.get(f"{url}/metrics", timeout=10).text
+        except httpx.HTTPError:
+            text = ""
+        counts = {}
+        for line in text.splitlines():
+            m = _DECISION_RE.match(line)
+            if not m:
+                continue
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+            if labels.get("policy") == policy:
+                reason = labels.get("reason", "?")
+                counts[reason] = counts.get(reason, 0) + int(float(m.group(2)))
+        if sum(counts.values()) >= expect or time.monotonic() > deadline:
+            return counts
+        time.sleep(1.0)
+
+
+def summarize(r: BenchResult) -> dict[str, Any]:
+    return {
+        "hit_rate": r.prefix_cache_hit_rate,
+        "mean_ttft_ms": r.ttft_ms.mean,
+        "p99_ttft_ms": r.ttft_ms.p99,
+        "output_tok_s": r.output_throughput,
+        "completed": r.completed,
+        "failed": r.failed,
+        "duration_s": r.duration_s,
+    }
+
+
+def run_w2(args: argparse.Namespace, port: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """({policy: figures}, the setup they were measured on)."""
+    wl_kwargs = dict(
+        groups=args.groups,
+        prompts_per_group=args.prompts_per_group,
+        prefix_len=args.prefix_len,
+        question_len=args.question_len,
+        output_len=args.output_len,
+        concurrency=args.concurrency,
+    )
+    request_tokens = args.prefix_len + args.question_len + args.output_len
+    kv_blocks = w2_kv_blocks(args.groups, args.prefix_len, args.kv_fraction, request_tokens)
+    engine = {
+        "num_kv_blocks": kv_blocks,
+        "max_model_len": max(1024, request_tokens),
+        "num_threads": args.threads_per_replica,
+    }
+    setup = {
+        "kv_blocks_per_replica": kv_blocks,
+        "kv_tokens_per_replica": kv_blocks * BLOCK_SIZE,
+        "distinct_prefix_tokens": args.groups * args.prefix_len,
+        "replicas": args.replicas,
+        "threads_per_replica": args.threads_per_replica,
+        "workload": wl_kwargs,
+    }
+    out: dict[str, Any] = {}
+    for policy in args.policies:
+        cfg = cluster_config(
+            args.model, port, args.replicas, policy, args.imbalance, engine, args.cpus_per_replica
+        )
+        print(f"\n== W2, {policy}: deploying {args.replicas} replicas ({kv_blocks} KV blocks each)")
+        url = deploy_and_wait(cfg)
+        warm_up(url, args.model, 2 * args.replicas)
+        wl = make_workload("W2", seed=args.seed, **wl_kwargs)
+        res = asyncio.run(run_workload(url, args.model, wl, progress=not args.no_progress))
+        row = summarize(res)
+        row["decisions"] = router_decisions(url, policy, res.completed, args.metrics_wait_s)
+        out[policy] = row
+        print(f"   {json.dumps(row)}")
+        undeploy()
+    return out, setup
+
+
+def run_w1_fleetlm(args: argparse.Namespace, port: int) -> float:
+    engine = {"max_num_seqs": 64}
+    cfg = cluster_config(args.model, port, 1, "prefix_aware", args.imbalance, engine, 1.0)
+    print("\n== W1 over HTTP: fleetlm, 1 replica")
+    url = deploy_and_wait(cfg)
+    warm_up(url, args.model, 4)
+    res = asyncio.run(
+        run_workload(url, args.model, make_workload("W1", seed=args.seed), progress=False)
+    )
+    undeploy()
+    print(f"   fleetlm W1: {res.output_throughput:.0f} output tok/s ({res.failed} failed)")
+    return res.output_throughput
+
+
+def run_w1_vllm(args: argparse.Namespace) -> float:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from vllm_server import VLLMServer
+
+    print("\n== W1 over HTTP: vLLM CPU server")
+    with VLLMServer(args.model, vllm_python=args.vllm_python) as srv:
+        warm_up(srv.url, srv.model_name, 4)
+        wl = make_workload("W1", seed=args.seed)
+        res = asyncio.run(run_workload(srv.url, srv.model_name, wl, progress=False))
+    print(f"   vLLM W1: {res.output_throughput:.0f} output tok/s ({res.failed} failed)")
+    return res.output_throughput
+
+
+def targets(result: dict[str, Any]) -> dict[str, Any]:
+    w2 = result.get("W2", {})
+    pa, p2 = w2.get("prefix_aware"), w2.get("pow2")
+    t: dict[str, Any] = {}
+    if pa and p2 and p2["hit_rate"] is not None and pa["hit_rate"] is not None:
+        t["hit_rate_ratio_vs_pow2"] = pa["hit_rate"] / max(p2["hit_rate"], 1e-9)
+        t["mean_ttft_ratio_vs_pow2"] = pa["mean_ttft_ms"] / max(p2["mean_ttft_ms"], 1e-9)
+        t["hit_rate_target_met"] = t["hit_rate_ratio_vs_pow2"] >= 2.0
+        t["ttft_target_met"] = t["mean_ttft_ratio_vs_pow2"] <= 0.6
+    w1 = result.get("W1_http", {})
+    if w1.get("fleetlm") and w1.get("vllm"):
+        t["w1_ratio_vs_vllm"] = w1["fleetlm"] / w1["vllm"]
+        t["w1_target_met"] = t["w1_ratio_vs_vllm"] >= 1.0
+    return t
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default="demo", help="demo, demo-small or a local HF folder")
+    p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated")
+    p.add_argument("--replicas", type=int, default=2)
+    p.add_argument("--imbalance", type=int, default=8, help="prefix_aware imbalance")
+    p.add_argument("--kv-fraction", type=float, default=0.6, help="of the distinct prefix tokens")
+    p.add_argument("--groups", type=int, default=16)
+    p.add_argument("--prompts-per-group", type=int, default=16)
+    p.add_argument("--prefix-len", type=int, default=512)
+    p.add_argument("--question-len", type=int, default=64)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--threads-per-replica", type=int, default=1, help="torch threads per replica")
+    p.add_argument("--cpus-per-replica", type=float, default=1.0, help="Ray CPUs per replica")
+    p.add_argument("--num-cpus", type=int, default=8, help="logical CPUs of the local Ray head")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-w1", action="store_true", help="only the W2 policy comparison")
+    p.add_argument("--vllm-python", help="Python of a venv with vLLM's CPU build (W1 peer)")
+    p.add_argument("--metrics-wait-s", type=float, default=15.0, help="for decision counts")
+    p.add_argument("--json", help="write the result here")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    args.policies = [s.strip() for s in args.policies.split(",") if s.strip()]
+    bad = sorted(set(args.policies) - {"prefix_aware", "pow2", "round_robin", "session"})
+    if bad:
+        p.error(f"--policies: unknown {bad}")
+    if not 0 < args.kv_fraction:
+        p.error("--kv-fraction must be > 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import ray
+    from ray import serve
+
+    from engine.demo_model import resolve_model
+
+    resolve_model(args.model)  # build the demo model once, before any replica needs it
+    port = free_port()
+    result: dict[str, Any] = {"command": " ".join(sys.argv)}
+    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    try:
+        result["W2"], result["W2_setup"] = run_w2(args, port)
+        if not args.skip_w1:
+            result["W1_http"] = {"fleetlm": run_w1_fleetlm(args, port), "vllm": None}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    if not args.skip_w1 and args.vllm_python:
+        result["W1_http"]["vllm"] = run_w1_vllm(args)
+    result["targets"] = targets(result)
+    text = json.dumps(result, indent=2)
+    print("\n" + text)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
