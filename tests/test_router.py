@@ -326,3 +326,22 @@ def test_state_completed_requests_leave_the_load():
     assert st.load("a") == 3
     st.on_completed("never-routed")
     assert st.load("a") == 3
+
+
+def test_request_fields_reads_the_ingress_contract():
+    from types import SimpleNamespace
+
+    from deployments.request_router import request_fields
+
+    def pending(*args, **kwargs):
+        return SimpleNamespace(args=list(args), kwargs=kwargs)
+
+    h = block_hashes(prompt(1, 1), BS)
+    assert request_fields(pending({"block_hashes": h, "prompt_token_ids": [1]})) == (h, None)
+    assert request_fields(pending(req={"block_hashes": h, "session_id": "s1"})) == (h, "s1")
+    assert request_fields(pending({"session_id": "s2"})) == ([], "s2")
+    assert request_fields(pending("text")) == ([], None)
+    assert request_fields(None) == ([], None)
+    # Malformed hashes route cold instead of raising inside Ray's routing loop.
+    assert request_fields(pending({"block_hashes": ["x"]})) == ([], None)
+    assert request_fields(pending({"block_hashes": 5, "session_id": 7})) == ([], None)
