@@ -12,7 +12,8 @@ lexical guard (what a plain embedding-threshold cache does).
 
   python -m bench.cache --json out.json                    # the cache layer in-process
   python -m bench.cache --set heldout                      # questions never used for tuning
-  python -m bench.cache --url http://127.0.0.1:8000 --api-key KEY --model demo   # served path
+  python -m bench.cache --serve                            # served path, local Ray Serve
+  python -m bench.cache --url http://127.0.0.1:8000 --api-key KEY --model demo   # a cluster
 
 Figures: hit_fraction (hits / requests), hit_p50_ms (lookup latency of hits; over HTTP, the
 whole request), false_hits. Targets: >= 0.30, <= 10 ms, 0.
@@ -174,6 +175,66 @@ async def run_http(stream: list[Item], url: str, api_key: str, model: str) -> di
     return summarize(rows, len(stream))
 
 
+def serve_locally(key: str) -> tuple[str, Any]:
+    """Start a local Ray Serve with one demo-small replica behind the ingress, semantic cache on
+    (default threshold). Returns (base URL, stop function)."""
+    import hashlib
+    import socket
+
+    import httpx
+    import ray
+    from ray import serve
+
+    from cluster.config import ClusterConfig
+    from deployments.app import build_app
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    cfg = ClusterConfig.model_validate(
+        {
+            "models": [
+                {
+                    "name": "demo",
+                    "model": "demo-small",
+                    "num_replicas": 1,
+                    "engine": {"num_kv_blocks": 64, "max_model_len": 256, "num_threads": 1},
+                    "resources_per_replica": {"num_cpus": 1},
+                    "caches": {"semantic": {"enabled": True}},
+                }
+            ],
+            "api_keys": [{"sha256": hashlib.sha256(key.encode()).hexdigest()}],
+        }
+    )
+    serve.run(build_app(cfg), name="bench-cache", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError("ingress never became healthy")
+        time.sleep(0.5)
+    # Load the ingress's embedding model before measuring (one throwaway semantic miss).
+    httpx.post(
+        url + "/v1/chat/completions",
+        json=chat("demo", "warm up the cache embedder"),
+        headers={"authorization": f"Bearer {key}"},
+        timeout=300,
+    ).raise_for_status()
+
+    def stop() -> None:
+        serve.shutdown()
+        ray.shutdown()
+
+    return url, stop
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--set", choices=["main", "heldout"], default="main")
@@ -182,6 +243,11 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=1)
     ap.add_argument("--runs", type=int, default=3, help="repeat the layer run; medians reported")
     ap.add_argument("--url", default=None, help="fleetlm HTTP base URL: measure the served path")
+    ap.add_argument(
+        "--serve",
+        action="store_true",
+        help="start a local Ray Serve app (demo-small, semantic cache on) and measure through it",
+    )
     ap.add_argument("--api-key", default="")
     ap.add_argument("--model", default="demo")
     ap.add_argument("--json", default=None, help="write the figures here")
@@ -194,9 +260,23 @@ def main() -> None:
     result: dict[str, Any] = {"set": args.set, "seed": args.seed, "requests": len(stream)}
     result["load_average_1m"] = os.getloadavg()[0]  # shared machine: latency depends on it
 
-    if args.url:
-        result["http"] = asyncio.run(run_http(stream, args.url, args.api_key, args.model))
+    if args.url or args.serve:
+        url, stop, key = args.url, None, args.api_key
+        if args.serve:
+            key = key or "bench-cache-key"
+            url, stop = serve_locally(key)
+            args.model = "demo"
+        try:
+            result["http"] = asyncio.run(run_http(stream, url, key, args.model))
+        finally:
+            if stop is not None:
+                stop()
         main_fig = result["http"]
+        print(
+            f"http               hit_fraction={main_fig['hit_fraction']:.3f} "
+            f"hit_p50_ms={main_fig['hit_p50_ms']} miss_p50_ms={main_fig['miss_p50_ms']} "
+            f"false_hits={main_fig['false_hits']} hits={main_fig['hits_by_kind']}"
+        )
     else:
         import torch
 
