@@ -130,23 +130,24 @@ def test_step_load_scales_up_then_down_without_failures(standin):
 
     assert wait_for(lambda: num_running() == 1, 30) is not None
     # One replica serves 2 requests of 0.8 s at once: 2.5 req/s. Low 1 req/s, step 6 req/s.
-    load = Load(standin, [(4, 1.0), (12, 6.0), (10, 1.0)]).start()
+    load = Load(standin, [(4, 1.0), (16, 6.0), (10, 1.0)]).start()
     step_at, step_wall = time.monotonic() + 4, time.time() + 4
     counts = []
     while load.thread.is_alive():
         counts.append((round(time.monotonic() - step_at, 1), num_running()))
         time.sleep(0.5)
     sent, failed, _ = load.finish()
-    assert failed == 0 and sent > 80
+    assert failed == 0 and sent > 100
     entries = get_history(DEP)[DEP]
     ups = [e for e in entries if e["reason"].startswith("scale up 1->") and e["t"] > step_wall]
     assert ups, entries
     # The decision: the 1 s window plus metric delivery (pushed every 1 s over a 2 s look-back).
     assert ups[0]["t"] - step_wall <= 4.0, entries
     # Serving: plus a replica's start (a new worker process; several seconds on 2 busy cores).
+    # (seen here: 2 s idle, up to 15 s while other test suites load both cores)
     grew = [t for t, n in counts if n >= 2]
-    assert grew and 0 < grew[0] <= 15.0, counts
-    assert max(n for _, n in counts) == 3, counts
+    assert grew and 0 < grew[0] <= 20.0, counts
+    assert max(e["to"] for e in entries) == 3, entries
     # after the step: back to 1 (down window 4 s, cooldown 3 s, one replica per step)
     assert wait_for(lambda: num_running() == 1, 30) is not None
     reasons = [e["reason"] for e in get_history(DEP)[DEP]]
