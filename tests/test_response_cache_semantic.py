@@ -411,3 +411,29 @@ def test_completion_prompt_is_embedded():
         assert await lay.lookup("k", chat(PARA)) is None  # chat and completion never mix
 
     asyncio.run(main())
+
+
+def test_layer_records_misses_through_deployments_metrics(monkeypatch):
+    import sys
+    import types
+
+    recorded: list[tuple] = []
+
+    class FakeMetrics:
+        def inc(self, name: str, value: float = 1.0, **labels) -> None:
+            recorded.append((name, value, labels))
+
+    fake_ray = types.SimpleNamespace(is_initialized=lambda: True)
+    fake_mod = types.SimpleNamespace(get_metrics=lambda: FakeMetrics())
+    monkeypatch.setitem(sys.modules, "ray", fake_ray)
+    monkeypatch.setitem(sys.modules, "deployments.metrics", fake_mod)
+    lay = layer(FakeEmbedder({Q: unit(1)}))
+
+    async def main() -> None:
+        await lay.lookup("k", chat(Q))
+
+    asyncio.run(main())
+    assert recorded == [
+        ("response_cache_misses_total", 1, {"model": "m", "kind": "exact"}),
+        ("response_cache_misses_total", 1, {"model": "m", "kind": "semantic"}),
+    ]
