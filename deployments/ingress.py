@@ -78,6 +78,14 @@ def _internal(rid: str) -> APIError:
     )
 
 
+def _cancel(gen: Any) -> None:
+    """Best-effort cancel of a handle call; a call that already failed re-raises its error here."""
+    try:
+        gen.cancel()
+    except Exception:
+        pass
+
+
 class Call:
     """One streamed handle call whose first message has arrived (so its status is known)."""
 
@@ -94,7 +102,7 @@ class Call:
         finally:
             # Client gone or request done: cancelling reaches the replica, which aborts the
             # engine request and frees its KV blocks (a no-op once the stream has ended).
-            self.gen.cancel()
+            _cancel(self.gen)
 
 
 @serve.ingress(app)
@@ -281,7 +289,6 @@ class OpenAIIngress:
         try:
             first = await gen.__anext__()
         except BackPressureError:
-            gen.cancel()
             raise APIError(
                 429,
                 f"model {rt.name!r} is at capacity (every replica's queue is full); retry shortly",
@@ -292,10 +299,10 @@ class OpenAIIngress:
         except StopAsyncIteration:
             raise _internal(rid) from None
         except BaseException:
-            gen.cancel()
+            _cancel(gen)  # e.g. the client left while we waited for the first token
             raise
         if "error" in first:
-            gen.cancel()
+            _cancel(gen)
             raise APIError.from_dict(first["error"])
         return Call(gen, first)
 

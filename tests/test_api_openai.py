@@ -221,7 +221,8 @@ def test_logprobs(client):
     assert all(v <= 0 for v in lp.token_logprobs)
     assert all(1 <= len(t) <= 2 for t in lp.top_logprobs)
     # Greedy: the sampled token is the best one.
-    assert all(abs(max(t.values()) - v) < 1e-4 for t, v in zip(lp.top_logprobs, lp.token_logprobs, strict=True))
+    pairs = zip(lp.top_logprobs, lp.token_logprobs, strict=True)
+    assert all(abs(max(t.values()) - v) < 1e-4 for t, v in pairs)
     chat = client.chat.completions.create(
         model=MODEL,
         messages=[{"role": "user", "content": "hi"}],
