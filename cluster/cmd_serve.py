@@ -118,6 +118,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         if not ray_runtime.port_free(cfg.http.port, cfg.http.host):
             raise CLIError(f"http.port: {cfg.http.host}:{cfg.http.port} is in use; pick --port")
         _say(f"Starting a local Ray head ({cfg.ray.num_cpus or 'all'} CPUs)...")
+        t0 = time.monotonic()
         try:
             head = ray_runtime.start_head(
                 log_path=state_dir() / "ray-head.log",
@@ -129,7 +130,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         except ray_runtime.RayStartError as e:
             raise CLIError(str(e)) from None
         address, auth_mode = head.address, head.auth_mode
-        _say(f"Ray head at {address} (auth: {auth_mode}; log {head.log_path})")
+        took = time.monotonic() - t0
+        _say(f"Ray head at {address} in {took:.0f}s (auth: {auth_mode}; log {head.log_path})")
     else:
         auth_mode = ray_runtime.auth_mode_for_join()
         _say(f"Joining Ray at {address} (auth: {auth_mode})")
@@ -165,6 +167,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         print("Detached. `fleetlm status` shows it; `fleetlm down` stops it.")
         return 0
     print("Serving in the foreground; Ctrl-C stops the cluster.")
+    # Both signals stop the cluster cleanly, also when a script started us with SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         while head is None or ray_runtime.pid_is_head(head.pid):
@@ -175,6 +179,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("\nShutting down...")
         _teardown(state)
+        print("Stopped.")
         return 0
 
 
