@@ -109,6 +109,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         if old.head_pid is None or ray_runtime.pid_is_head(old.head_pid):
             msg = f"a fleetlm cluster is already running at {old.url}; `fleetlm down` first"
             raise CLIError(msg)
+        ray_runtime.forget_address_file(old.address_file, old.ray_address)
         clear_state()  # its head is gone: a stale record
 
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
@@ -290,6 +291,7 @@ def cmd_down(args: argparse.Namespace) -> int:
 
     state = _require_state()
     if state.head_pid is not None and not ray_runtime.pid_is_head(state.head_pid):
+        ray_runtime.forget_address_file(state.address_file, state.ray_address)
         clear_state()
         print("The recorded Ray head is already gone; forgot it.")
         return 0

@@ -235,6 +235,15 @@ def stop_head(pid: int, timeout_s: float = 30.0, address_file: str | None = None
     return gone
 
 
+def forget_address_file(address_file: str | None, address: str) -> None:
+    """Remove ray_current_cluster when it still names `address` (a head that died unstopped)."""
+    if address_file and _read(address_file) == address:
+        try:
+            os.remove(address_file)
+        except OSError:
+            pass
+
+
 def _alive(pid: int) -> bool:
     try:
         # Reap it if it is our child (foreground `up`), so it doesn't linger as a zombie.

@@ -189,14 +189,22 @@ def test_status_and_down_without_a_cluster_say_so(capsys):
     assert main(["down"]) == 2
 
 
-def test_down_forgets_a_cluster_whose_head_is_gone(capsys):
+def test_down_forgets_a_cluster_whose_head_is_gone(tmp_path, capsys):
     dead = subprocess.Popen(["true"])
     dead.wait()
-    save_state(ClusterState("127.0.0.1:1", "http://127.0.0.1:1", "fleetlm", dead.pid, "token"))
+    address_file = tmp_path / "ray" / "ray_current_cluster"
+    address_file.parent.mkdir()
+    address_file.write_text("127.0.0.1:1")
+    save_state(
+        ClusterState(
+            "127.0.0.1:1", "http://127.0.0.1:1", "fleetlm", dead.pid, "token", str(address_file)
+        )
+    )
     assert load_state().head_pid == dead.pid
     assert main(["down"]) == 0
     assert "already gone" in capsys.readouterr().out
     assert load_state() is None
+    assert not address_file.exists()  # a plain ray.init() must not try to join the dead head
 
 
 METRICS = """\
