@@ -241,6 +241,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threshold", type=float, default=None, help="default: CacheConfig's")
     ap.add_argument("--concurrency", type=int, default=1)
+    ap.add_argument("--int8", action="store_true", help="int8 embedding model (embed_int8)")
     ap.add_argument("--runs", type=int, default=3, help="repeat the layer run; medians reported")
     ap.add_argument("--url", default=None, help="fleetlm HTTP base URL: measure the served path")
     ap.add_argument(
@@ -258,6 +259,7 @@ def main() -> None:
     share = n_para / len(stream)
     print(f"stream: {len(stream)} requests, {n_para} paraphrased repeats ({share:.0%})")
     result: dict[str, Any] = {"set": args.set, "seed": args.seed, "requests": len(stream)}
+    result["int8"] = args.int8
     result["load_average_1m"] = os.getloadavg()[0]  # shared machine: latency depends on it
 
     if args.url or args.serve:
@@ -284,7 +286,7 @@ def main() -> None:
 
         torch.set_num_threads(1)
         t0 = time.perf_counter()
-        emb = MiniLMEmbedder(num_threads=1)
+        emb = MiniLMEmbedder(num_threads=1, int8=args.int8)
         emb.embed(["warm up"])
         result["embedder_load_s"] = round(time.perf_counter() - t0, 3)
         sem: dict[str, Any] = {"enabled": True}

@@ -97,3 +97,16 @@ def test_layer_concurrent_lookups_share_one_forward(embedder):
     asyncio.run(main())
     s = lay.stats()["semantic"]
     assert s["embed_calls"] == 1 and s["embedded_texts"] == 6
+
+
+def test_int8_embeddings_stay_close_to_float32(embedder):
+    q8 = MiniLMEmbedder(num_threads=1, int8=True)
+    texts = [
+        "What is the capital of France?",
+        "Which city is the capital of France?",
+        "How do I reverse a list in Python?",
+        "Why is the sky blue?",
+    ]
+    a, b = embedder.embed(texts), q8.embed(texts)
+    assert (a * b).sum(1).min() > 0.99
+    assert np.abs(a @ a.T - b @ b.T).max() < 0.03

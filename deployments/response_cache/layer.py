@@ -196,7 +196,8 @@ class ResponseCacheLayer:
         if self._embedder is None:
             from deployments.response_cache.embedder import MiniLMEmbedder
 
-            self._embedder = MiniLMEmbedder(num_threads=self.cfg.semantic.embed_threads)
+            sem = self.cfg.semantic
+            self._embedder = MiniLMEmbedder(num_threads=sem.embed_threads, int8=sem.embed_int8)
         return self._embedder.embed(texts)
 
     def _miss(self, kind: str) -> None:
