@@ -108,7 +108,7 @@ def metrics_export_port() -> int:
 
         node_id = ray.get_runtime_context().get_node_id()
         for node in ray.nodes():
-            if node.get("NodeID") == node_id and node.get("Alive", True):
+            if node.get("NodeID") == node_id and node.get("Alive"):
                 _export_port = int(node["MetricsExportPort"])
                 break
         else:
