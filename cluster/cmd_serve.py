@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from cluster.cli import CLIError
 from cluster.config import DEMO_MODELS, ClusterConfig, default_config, load_cluster_config
 from cluster.serve_config import APP_NAME, render_serve_config
@@ -73,8 +75,10 @@ def build_config(args: argparse.Namespace) -> ClusterConfig:
         data["ray"]["num_cpus"] = args.num_cpus
     try:
         return ClusterConfig.model_validate(data)
-    except ValueError as e:  # only command-line values can make it invalid here
-        raise CLIError(f"invalid command-line override: {e}") from None
+    except ValidationError as e:  # only command-line values can make it invalid here
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise CLIError(f"invalid command-line override: {where}: {first['msg']}") from None
 
 
 def prepare_for_deploy(cfg: ClusterConfig, build_models: bool) -> ClusterConfig:

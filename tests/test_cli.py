@@ -161,8 +161,10 @@ def test_build_config_applies_overrides_and_resolves_relative_folders(tmp_path):
     assert (a.num_replicas, a.autoscaling, b.num_replicas) == (3, None, 3)
     assert b.model == "demo-small"
     assert (cfg.http.host, cfg.http.port) == ("0.0.0.0", 9100)
-    with pytest.raises(CLIError, match="override"):
+    with pytest.raises(CLIError, match=r"override: http\.port: Input should be greater than"):
         build_config(parse_args("up", "--port", "0"))
+    with pytest.raises(CLIError, match=r"override: models\.0\.num_replicas: Input should be"):
+        build_config(parse_args("up", "--replicas", "0"))
 
 
 def test_prepare_for_deploy_turns_env_keys_into_digests(monkeypatch):
