@@ -9,6 +9,7 @@ import asyncio
 import os
 import time
 from collections import deque
+from collections.abc import AsyncIterator
 from typing import Any
 
 TTFT_WINDOW_S = 10.0
@@ -25,21 +26,40 @@ class CapacityReplica:
 
     async def __call__(self, output_tokens: int = 16) -> dict[str, Any]:
         t0 = time.monotonic()
-        self.num_waiting += 1
-        try:
-            await self.slots.acquire()
-        finally:
-            self.num_waiting -= 1
-        self.num_running += 1
+        await self._admit()
         try:
             await asyncio.sleep(1.0 / self.tok_s)
             ttft = time.monotonic() - t0
             self.ttfts.append((time.monotonic(), ttft))
             await asyncio.sleep((output_tokens - 1) / self.tok_s)
         finally:
-            self.num_running -= 1
-            self.slots.release()
+            self._release()
         return {"ttft_s": ttft, "pid": os.getpid()}
+
+    async def stream(self, output_tokens: int = 16) -> AsyncIterator[dict[str, Any]]:
+        """Two chunks: the first token, then the rest at once (the client times the first)."""
+        t0 = time.monotonic()
+        await self._admit()
+        try:
+            await asyncio.sleep(1.0 / self.tok_s)
+            self.ttfts.append((time.monotonic(), time.monotonic() - t0))
+            yield {"tokens": 1}
+            await asyncio.sleep((output_tokens - 1) / self.tok_s)
+            yield {"tokens": output_tokens - 1, "pid": os.getpid()}
+        finally:
+            self._release()
+
+    async def _admit(self) -> None:
+        self.num_waiting += 1
+        try:
+            await self.slots.acquire()
+        finally:
+            self.num_waiting -= 1
+        self.num_running += 1
+
+    def _release(self) -> None:
+        self.num_running -= 1
+        self.slots.release()
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         now = time.monotonic()
