@@ -108,3 +108,16 @@ def test_load_policy_names_the_file(tmp_path):
         load_policy(f)
     with pytest.raises(PolicyError, match="can't read"):
         load_policy(tmp_path / "missing.yaml")
+
+
+def test_examples_parse_and_the_bad_one_is_refused():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "examples"
+    assert load_policy(root / "policy.yaml").params_for("demo").max_replicas == 3
+    with pytest.raises(PolicyError) as ei:
+        load_policy(root / "policy-bad.yaml")
+    assert [(line, fld) for line, fld, _ in ei.value.errors] == [
+        (5, "models.demo.target_queue_depth"),
+        (6, "models.demo.max_replica"),
+    ]
