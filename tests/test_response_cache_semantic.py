@@ -437,3 +437,17 @@ def test_layer_records_misses_through_deployments_metrics(monkeypatch):
         ("response_cache_misses_total", 1, {"model": "m", "kind": "exact"}),
         ("response_cache_misses_total", 1, {"model": "m", "kind": "semantic"}),
     ]
+
+
+def test_long_prompts_are_exact_only():
+    fake = FakeEmbedder({})
+    lay = layer(fake, max_text_chars=50)
+    long_q = "Summarize: " + "lorem ipsum " * 10
+
+    async def main() -> None:
+        await lay.store("k", chat(long_q), answer("summary"))
+        assert await lay.lookup("k", chat(long_q)) == ("exact", answer("summary"))
+        assert await lay.lookup("k", chat(long_q + " dolor")) is None
+
+    asyncio.run(main())
+    assert fake.calls == [] and lay.stats()["entries"]["semantic"] == 0

@@ -63,6 +63,11 @@ class SemanticCacheConfig(BaseModel):
         "(lookups arriving while a batch runs also wait for the next one).",
     )
     max_batch_size: int = Field(64, description="Most prompts embedded in one call.")
+    max_text_chars: int = Field(
+        1000,
+        description="Longer prompts are not semantically cached: the embedding sees only the "
+        "first 256 tokens, so two long documents with one opening would look identical.",
+    )
     embed_int8: bool = Field(
         False,
         description="Run the embedding model's linear layers in int8: about half the CPU per "
@@ -83,6 +88,8 @@ class SemanticCacheConfig(BaseModel):
             raise ValueError(f"semantic.batch_wait_ms must be >= 0, got {self.batch_wait_ms}")
         if self.max_batch_size < 1:
             raise ValueError(f"semantic.max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.max_text_chars < 1:
+            raise ValueError(f"semantic.max_text_chars must be >= 1, got {self.max_text_chars}")
         if self.embed_threads < 1:
             raise ValueError(f"semantic.embed_threads must be >= 1, got {self.embed_threads}")
         return self

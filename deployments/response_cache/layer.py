@@ -183,7 +183,10 @@ class ResponseCacheLayer:
         sem = self.cfg.semantic
         if self.semantic is None or not self._eligible(sem.temperature_zero_only, request):
             return None
-        return keys.semantic_split(namespace, request)
+        split = keys.semantic_split(namespace, request)
+        if split is None or len(split[1]) > sem.max_text_chars:
+            return None
+        return split
 
     def _remember(self, text: str, vec: np.ndarray) -> None:
         self._recent[text] = vec
