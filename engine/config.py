@@ -24,7 +24,9 @@ class EngineConfig:
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads on CPU; None leaves torch's default
     quantization: Literal["int8"] | None = None
-    speculative: dict[str, Any] | None = None  # {"method": "ngram"|"draft_model", "num_tokens": k, ...}
+    speculative: dict[str, Any] | None = (
+        None  # {"method": "ngram"|"draft_model", "num_tokens": k, ...}
+    )
     tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:

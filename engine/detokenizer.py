@@ -9,8 +9,13 @@ from __future__ import annotations
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, stop: list[str], skip_special_tokens: bool = True,
-                 include_stop_str: bool = False) -> None:
+    def __init__(
+        self,
+        tokenizer,
+        stop: list[str],
+        skip_special_tokens: bool = True,
+        include_stop_str: bool = False,
+    ) -> None:
         self.tok = tokenizer
         self.stop = stop
         self.skip = skip_special_tokens

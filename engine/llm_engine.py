@@ -85,7 +85,9 @@ class LLMEngine:
         n = len(prompt_token_ids)
         if n == 0:
             raise ValueError("prompt must not be empty")
-        bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        bad = [
+            t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size
+        ]
         if bad:
             raise ValueError(
                 f"prompt contains token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}"
@@ -117,7 +119,9 @@ class LLMEngine:
         req = Request(request_id, prompt_token_ids, params, self.block_size, self.eos_token_ids)
         self.requests[request_id] = req
         self.detoks[request_id] = IncrementalDetokenizer(
-            self.tokenizer, params.stop, params.skip_special_tokens,
+            self.tokenizer,
+            params.stop,
+            params.skip_special_tokens,
             params.include_stop_str_in_output,
         )
         self.scheduler.add(req)

@@ -135,9 +135,11 @@ class ModelRunner:
             for j, c in enumerate(decode_ctx):
                 pad[j, : len(c)] = c
             d_slots = torch.from_numpy(pad).to(dev)
-            d_mask = (torch.arange(lmax).unsqueeze(0) < torch.from_numpy(lens).unsqueeze(1)).view(
-                len(decode_ctx), 1, 1, lmax
-            ).to(dev)
+            d_mask = (
+                (torch.arange(lmax).unsqueeze(0) < torch.from_numpy(lens).unsqueeze(1))
+                .view(len(decode_ctx), 1, 1, lmax)
+                .to(dev)
+            )
             d_rows = torch.tensor(decode_rows, dtype=torch.long, device=dev)
         meta = AttentionMetadata(
             slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev),

@@ -40,7 +40,7 @@ class AttentionMetadata:
     decode_slots: torch.Tensor | None  # [B, Lmax] context slots per decode row (padded with slot 0)
     decode_mask: torch.Tensor | None  # [B, 1, 1, Lmax] bool, True = attend
     prefills: list[PrefillChunk]
-    kv_cache: "KVCache"
+    kv_cache: KVCache
 
 
 class KVCache:
