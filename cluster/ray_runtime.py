@@ -211,8 +211,12 @@ def pid_is_head(pid: int) -> bool:
     return b"start" in cmdline and b"--head" in cmdline and b"--block" in cmdline
 
 
-def stop_head(pid: int, timeout_s: float = 30.0, address_file: str | None = None) -> bool:
+def stop_head(pid: int, timeout_s: float = 75.0, address_file: str | None = None) -> bool:
     """SIGTERM the head we started (it stops its own raylet, GCS, workers); SIGKILL after timeout.
+
+    On SIGTERM the head first drains the node for up to $RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S
+    (30 s; quick when Serve was shut down first, as `down` does), then stops its processes: the
+    default timeout leaves room for both, since a SIGKILL mid-drain would orphan them.
 
     Returns True when it is gone. Removes `address_file` (ray_current_cluster) if it still names
     this head's cluster, so a later plain `ray.init()` doesn't try to join a dead one.

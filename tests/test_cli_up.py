@@ -103,5 +103,5 @@ def test_up_detach_serves_openai_clients_then_status_and_down():
         head_pid = None
     finally:
         if head_pid is not None:  # a failed assertion must not leave the head running
-            ray_runtime.stop_head(head_pid, timeout_s=30)
+            ray_runtime.stop_head(head_pid)
         shutil.rmtree(tmp, ignore_errors=True)
