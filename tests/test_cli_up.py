@@ -95,7 +95,9 @@ def test_up_detach_serves_openai_clients_then_status_and_down():
         assert report["app"]["status"] == "RUNNING"
         assert report["deployments"]["LLMServer-tiny"]["replicas"] == {"RUNNING": 1}
 
+        t1 = time.monotonic()
         down = fleetlm(env, "down", timeout=180)
+        print(f"down took {time.monotonic() - t1:.1f}s")
         assert down.returncode == 0, down.stderr
         assert not ray_runtime.pid_is_head(head_pid)
         assert not (tmp / "state" / "cluster.json").exists()
