@@ -272,7 +272,9 @@ def _teardown(state: ClusterState) -> None:
         pass
     ray_runtime.disconnect()
     if state.head_pid is not None:
-        ray_runtime.stop_head(state.head_pid, address_file=state.address_file)
+        ray_runtime.stop_head(
+            state.head_pid, address_file=state.address_file, address=state.ray_address
+        )
     clear_state()
 
 

@@ -170,6 +170,16 @@ def start_head(
             start_new_session=True,  # Ctrl-C in our terminal must not reach it; we stop it in order
             preexec_fn=_die_with_parent if die_with_parent else None,
         )
+    try:
+        return _wait_for_head(proc, log_path, auth_mode, timeout_s)
+    except BaseException:  # not up in time, or Ctrl-C: don't leave a half-started head behind
+        stop_head(proc.pid)
+        raise
+
+
+def _wait_for_head(
+    proc: subprocess.Popen, log_path: Path, auth_mode: str, timeout_s: float
+) -> HeadProcess:
     deadline = time.monotonic() + timeout_s
     address = None
     while time.monotonic() < deadline:
@@ -182,7 +192,6 @@ def start_head(
         if address and "block forever" in text:
             return HeadProcess(address, proc.pid, log_path, auth_mode, ray_address_file())
         time.sleep(0.2)
-    stop_head(proc.pid, timeout_s=10)
     raise RayStartError(f"Ray head not up after {timeout_s:.0f}s:\n{_tail(log_path.read_text())}")
 
 
@@ -211,7 +220,12 @@ def pid_is_head(pid: int) -> bool:
     return b"start" in cmdline and b"--head" in cmdline and b"--block" in cmdline
 
 
-def stop_head(pid: int, timeout_s: float = 75.0, address_file: str | None = None) -> bool:
+def stop_head(
+    pid: int,
+    timeout_s: float = 75.0,
+    address_file: str | None = None,
+    address: str | None = None,
+) -> bool:
     """SIGTERM the head we started (it stops its own raylet, GCS, workers); SIGKILL after timeout.
 
     On SIGTERM the head first drains the node for up to $RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S
@@ -219,9 +233,8 @@ def stop_head(pid: int, timeout_s: float = 75.0, address_file: str | None = None
     default timeout leaves room for both, since a SIGKILL mid-drain would orphan them.
 
     Returns True when it is gone. Removes `address_file` (ray_current_cluster) if it still names
-    this head's cluster, so a later plain `ray.init()` doesn't try to join a dead one.
+    `address`, this head's cluster, so a later plain `ray.init()` doesn't try to join a dead one.
     """
-    recorded = _read(address_file) if address_file else None
     if pid_is_head(pid):
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
@@ -231,11 +244,8 @@ def stop_head(pid: int, timeout_s: float = 75.0, address_file: str | None = None
             os.kill(pid, signal.SIGKILL)
             time.sleep(0.5)
     gone = not _alive(pid)
-    if gone and address_file and recorded is not None and _read(address_file) == recorded:
-        try:
-            os.remove(address_file)
-        except OSError:
-            pass
+    if gone and address is not None:
+        forget_address_file(address_file, address)
     return gone
 
 

@@ -339,3 +339,12 @@ def test_generate_bad_engine_option_is_a_one_line_error(capsys):
     rc = main(["generate", "--model", "demo-small", "--engine", "max_seqs=2", "hi"])
     assert rc == 2
     assert "unknown engine option" in capsys.readouterr().err
+
+
+def test_forget_address_file_only_removes_our_own_cluster(tmp_path):
+    f = tmp_path / "ray_current_cluster"
+    f.write_text("10.0.0.9:6379")  # another cluster started after ours
+    ray_runtime.forget_address_file(str(f), "10.0.0.1:6379")
+    assert f.exists()
+    ray_runtime.forget_address_file(str(f), "10.0.0.9:6379")
+    assert not f.exists()
