@@ -22,12 +22,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cluster.cli import CLIError
+from deployments.response_cache.config import CacheConfig  # Ray-free pydantic schema
 from engine.config import EngineConfig
-
-try:  # Response caches are another module's schema; embed it when present.
-    from deployments.response_cache.config import CacheConfig
-except ModuleNotFoundError:  # pragma: no cover - only while that module is being written
-    CacheConfig = dict  # type: ignore[misc,assignment]
 
 DEMO_MODELS = ("demo", "demo-small")
 # OpenAI model ids may carry an organisation ("org/name"); no spaces or shell-special characters.
@@ -114,7 +110,7 @@ class ModelConfig(_Strict):
     max_queued_requests: int = Field(
         64, ge=1, description="Requests one replica accepts beyond those running; then 429/503."
     )
-    caches: CacheConfig = Field(  # type: ignore[valid-type]
+    caches: CacheConfig = Field(
         default_factory=CacheConfig, description="Exact and semantic response caches."
     )
 
