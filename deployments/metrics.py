@@ -33,6 +33,9 @@ class Metrics:
 
     def __init__(self) -> None:
         self._objs: dict[str, Any] = {}
+        # name -> (spec, its label names): the per-call path skips the spec lookup (hot: ITL is
+        # observed per streamed chunk).
+        self._known: dict[str, tuple[MetricSpec, frozenset[str]]] = {}
         self._lock = threading.Lock()  # engine thread and event loop may record concurrently
 
     def _obj(self, spec: MetricSpec) -> Any:
@@ -59,11 +62,16 @@ class Metrics:
         return obj
 
     def _prepare(self, name: str, kind: str, labels: dict[str, Any]) -> tuple[Any, dict[str, str]]:
-        spec = get_spec(name)
+        known = self._known.get(name)
+        if known is None:
+            spec = get_spec(name)
+            known = self._known[name] = (spec, frozenset(spec.labels))
+        spec, names = known
         if spec.kind != kind:
             raise ValueError(f"metric name: {spec.full_name} is a {spec.kind}, not a {kind}")
-        tags = {k: str(v) for k, v in labels.items()}
-        check_labels(spec, tags)
+        if labels.keys() != names:
+            check_labels(spec, labels)
+        tags = {k: v if type(v) is str else str(v) for k, v in labels.items()}
         return self._obj(spec), tags
 
     def inc(self, name: str, value: float = 1.0, **labels: Any) -> None:
