@@ -218,7 +218,7 @@ def test_metrics_exact_from_synthetic_records():
     from cluster.bench.client import RequestRecord
 
     def rec(i, send, chunks, tokens, ok=True):
-        r = RequestRecord(i, "", prompt_len=10, max_tokens=len(chunks))
+        r = RequestRecord(i, "a", prompt_len=10, max_tokens=len(chunks))
         r.send_time, r.chunk_times, r.chunk_tokens = send, chunks, tokens
         r.output_tokens, r.success = int(sum(tokens)), ok
         return r
@@ -240,6 +240,10 @@ def test_metrics_exact_from_synthetic_records():
     assert r.total_token_throughput == pytest.approx((20 + 5) / 2)
     assert r.goodput == 0.5  # only request 0 meets both SLOs
     assert r.prefix_cache_hit_rate is None
+    # Per tag (failed requests excluded): decode speed = tokens after the first / time after it.
+    assert r.by_tag["a"]["count"] == 2
+    assert r.by_tag["a"]["decode_tok_s"] == pytest.approx((2 + 1) / (0.2 + 0.4))
+    assert r.by_tag["a"]["mean_e2e_ms"] == pytest.approx(1050)
 
 
 def test_workload_shapes():

@@ -156,11 +156,15 @@ def _by_tag(ok: list[RequestRecord]) -> dict[str, dict[str, float]]:
     out = {}
     for tag in tags:
         rs = [r for r in ok if r.tag == tag]
+        decode_s = sum(r.e2e - r.ttft for r in rs)
+        decoded = sum(r.output_tokens - 1 for r in rs)
         out[tag] = {
             "count": len(rs),
             "mean_ttft_ms": 1000 * float(np.mean([r.ttft for r in rs])),
             "mean_e2e_ms": 1000 * float(np.mean([r.e2e for r in rs])),
             "output_tokens": float(sum(r.output_tokens for r in rs)),
+            # tokens after the first / time after the first: per-stream decode speed (W5 at batch 1)
+            "decode_tok_s": decoded / decode_s if decode_s > 0 else 0.0,
         }
     return out
 

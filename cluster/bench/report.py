@@ -53,14 +53,10 @@ def summary_text(r: BenchResult) -> str:
     lines += _stats_block("Inter-token Latency", "ITL", r.itl_ms)
     lines += _stats_block("End-to-end Latency", "E2E", r.e2e_ms)
     if r.by_tag and len(r.by_tag) <= 8:
-        lines.append("By tag (mean TTFT / mean E2E ms)".center(WIDTH, "-"))
+        lines.append("By tag: mean TTFT ms / mean E2E ms / decode tok/s".center(WIDTH, "-"))
         for tag, d in r.by_tag.items():
-            lines.append(
-                _line(
-                    f"{tag} (n={int(d['count'])}):",
-                    f"{d['mean_ttft_ms']:.1f}/{d['mean_e2e_ms']:.1f}",
-                )
-            )
+            figs = f"{d['mean_ttft_ms']:.1f}/{d['mean_e2e_ms']:.1f}/{d['decode_tok_s']:.1f}"
+            lines.append(_line(f"{tag} (n={int(d['count'])}):", figs))
     if r.errors:
         lines.append("First errors".center(WIDTH, "-"))
         lines += [f"  {e}" for e in r.errors]
