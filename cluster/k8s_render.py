@@ -78,19 +78,32 @@ PROFILES = {
     "gpu": Profile("gpu", "None", "0.1.0-gpu", "4", "16Gi", "48Gi", 300, True),
 }
 
-# KubeRay's own health checks (raylet, GCS) plus Serve's proxy health, as KubeRay injects them.
-_RAYLET = "wget -T 2 -q -O- http://localhost:52365/api/local_raylet_healthz | grep success"
-_GCS = "wget -T 2 -q -O- http://localhost:8265/api/gcs_healthz | grep success"
+# Probes as KubeRay injects them for Ray >= 2.53 (we write them out so they are reviewed and
+# versioned with the rest). Ray's health endpoints are exempt from token auth.
+AGENT_PORT = 52365  # dashboard agent: /api/healthz checks the raylet, and on the head the GCS too
+_RAYLET = f"wget -T 2 -q -O- http://localhost:{AGENT_PORT}/api/local_raylet_healthz | grep success"
 _SERVE = f"wget -T 2 -q -O- http://localhost:{SERVE_PORT}/-/healthz | grep success"
 
 
-def _probe(cmd: str, failure_threshold: int) -> dict:
+def _http_probe(delay_s: int, timeout_s: int, failure_threshold: int) -> dict:
     return {
-        "exec": {"command": ["bash", "-c", cmd]},
+        "httpGet": {"path": "/api/healthz", "port": AGENT_PORT},
+        "initialDelaySeconds": delay_s,
+        "periodSeconds": 5,
+        "timeoutSeconds": timeout_s,
+        "failureThreshold": failure_threshold,
+    }
+
+
+def _serve_readiness() -> dict:
+    # A worker takes traffic only while its Serve proxy is healthy; one failure removes it from
+    # the serve Service at once (KubeRay checks the head's proxy itself, not by probe).
+    return {
+        "exec": {"command": ["bash", "-c", f"{_RAYLET} && {_SERVE}"]},
         "initialDelaySeconds": 10,
         "periodSeconds": 5,
         "timeoutSeconds": 2,
-        "failureThreshold": failure_threshold,
+        "failureThreshold": 1,
     }
 
 
@@ -118,9 +131,9 @@ def _container(name: str, cpu: str, memory: str, gpus: int, head: bool, env: lis
         "resources": {"requests": dict(limits), "limits": limits},
         "env": env,
         # A replica still loading its model keeps the raylet healthy: liveness only watches Ray.
-        "livenessProbe": _probe(f"{_RAYLET} && {_GCS}" if head else _RAYLET, 120),
-        # Ready = Ray up and this node's Serve proxy healthy (traffic can land here).
-        "readinessProbe": _probe(f"{_RAYLET} && {_GCS}" if head else f"{_RAYLET} && {_SERVE}", 10),
+        "livenessProbe": _http_probe(30, 5 if head else 2, 120),
+        # Ready: head = raylet + GCS up; worker = raylet up and its Serve proxy healthy.
+        "readinessProbe": _http_probe(10, 5, 10) if head else _serve_readiness(),
         "lifecycle": {"preStop": {"exec": {"command": ["/bin/sh", "-c", "ray stop"]}}},
     }
     return c
