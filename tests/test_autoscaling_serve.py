@@ -201,3 +201,70 @@ def test_policy_apply_changes_target_live_and_bad_file_is_refused(standin, tmp_p
     # restore the module's policy for any later test
     good.write_text(POLICY)
     assert main(["policy", "apply", str(good)]) == 0
+
+
+def test_scale_to_zero_and_first_request_waits_not_fails(ray_session, capsys):
+    from ray import serve
+
+    from autoscaling.policy_file import parse_policy
+    from bench.autoscaling_replica import CapacityReplica
+    from cluster.cli import main
+    from deployments.autoscaling_policy import (
+        GRACEFUL_SHUTDOWN_OPTIONS,
+        get_history,
+        get_policy_record,
+        put_policy,
+    )
+    from deployments.autoscaling_policy import serve_autoscaling_config as cfg
+
+    app, model = "autoscaling-zero-test", "zero"
+    dep_name = f"LLMServer-{model}"
+    text = f"models:\n  {model}:\n    scale_to_zero_after_s: 3\n    max_replicas: 2\n"
+    # keep the other test's model entry: the store holds one policy for every model
+    current = get_policy_record()
+    base = current["policy"] if current else {"default": {}, "models": {}}
+    merged = parse_policy(text).to_dict()
+    put_policy(
+        parse_policy(
+            yaml_dump(
+                {"default": base["default"], "models": {**base["models"], **merged["models"]}}
+            )
+        ),
+        "test",
+    )
+    dep = serve.deployment(CapacityReplica).options(
+        name=dep_name,
+        max_ongoing_requests=4,
+        ray_actor_options={"num_cpus": 0.01},
+        autoscaling_config=cfg(model, min_replicas=0, max_replicas=2, initial_replicas=1),
+        **GRACEFUL_SHUTDOWN_OPTIONS,
+    )
+    handle = serve.run(dep.bind(), name=app, route_prefix=None)
+    try:
+        assert handle.remote(4).result(timeout_s=30)["ttft_s"] < 1.0
+
+        def running() -> int:
+            states = serve.status().applications[app].deployments[dep_name].replica_states
+            return int(states.get("RUNNING", 0))
+
+        assert wait_for(lambda: running() == 0, 30) is not None
+        t0 = time.monotonic()
+        out = handle.remote(4).result(timeout_s=60)  # waits in Serve's queue for a replica
+        assert out["ttft_s"] < 1.0 and time.monotonic() - t0 < 60
+        reasons = [e["reason"] for e in get_history(dep_name)[dep_name]]
+        assert any(r.startswith("scale to zero 1->0: idle") for r in reasons), reasons
+
+        capsys.readouterr()
+        assert main(["policy", "show"]) == 0
+        shown = capsys.readouterr().out
+        assert "scale_to_zero_after_s: 3" in shown and f"# {dep_name}: " in shown
+        assert main(["policy", "history", "--deployment", dep_name]) == 0
+        assert "scale to zero 1->0" in capsys.readouterr().out
+    finally:
+        serve.delete(app)
+
+
+def yaml_dump(d: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(d)
