@@ -97,8 +97,9 @@ class Params:
 
 History = tuple[tuple[float, int], ...]  # (time, clamped desired replicas), oldest first
 
-# Bound on kept desired values; at 10 decisions/s this covers a 200 s window, and the oldest entry
-# is only dropped once it lies outside every window anyway.
+# The history keeps change points only (a step function: a value holds until the next entry), so
+# it stays short however long the windows are; this bound only bites if the desired value flaps
+# on every tick, and then the windows simply hold.
 MAX_HISTORY = 2000
 
 
@@ -192,13 +193,16 @@ def decide(snapshot: Snapshot, params: Params, state: State) -> tuple[int, str, 
         why += f" (bounded to {desired} by [{p.min_replicas}, {p.max_replicas}])"
 
     keep_s = max(p.scale_up_window_s, p.scale_down_window_s)
-    history = _prune(state.history + ((now, desired),), now, keep_s)
+    history = state.history
+    if not history or history[-1][1] != desired:
+        history = history + ((now, desired),)
+    history = _prune(history, now, keep_s)
     state = replace(state, history=history)
 
     if desired > cur:
         vals = _window_values(history, now, p.scale_up_window_s)
         if vals is None or min(vals) <= cur:
-            held = _held_for(history, cur, above=True)
+            held = _held_for(history, now, cur, above=True)
             return (
                 cur,
                 (
@@ -228,7 +232,7 @@ def decide(snapshot: Snapshot, params: Params, state: State) -> tuple[int, str, 
             return cur, f"scale-down held at {cur}: {why}", state
         vals = _window_values(history, now, p.scale_down_window_s)
         if vals is None or max(vals) >= cur:
-            held = _held_for(history, cur, above=False)
+            held = _held_for(history, now, cur, above=False)
             return (
                 cur,
                 (
@@ -258,9 +262,8 @@ def decide(snapshot: Snapshot, params: Params, state: State) -> tuple[int, str, 
     return cur, f"hold at {cur}: {why}", state
 
 
-def _held_for(history: History, cur: int, above: bool) -> float:
+def _held_for(history: History, now: float, cur: int, above: bool) -> float:
     """How long the desired value has stayed strictly above (or below) `cur`, up to now."""
-    now = history[-1][0]
     since = now
     for t, n in reversed(history):
         if (n > cur) if above else (n < cur):

@@ -260,3 +260,24 @@ def test_state_round_trips_through_a_dict():
 def test_params_reject_bad_values_naming_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         Params(**kwargs)
+
+
+def test_long_window_at_controller_tick_rate():
+    # Serve calls the policy every 0.1 s; a 300 s window spans 3000 ticks. The history keeps change
+    # points only, so it stays short and the window still completes.
+    p = Params(
+        target_queue_depth=4,
+        max_replicas=4,
+        scale_down_window_s=300,
+        scale_down_cooldown_s=0,
+        max_step_down=4,
+    )
+    cur, state, first_down = 3, State(), None
+    for k in range(3011):
+        t = k * 0.1
+        snap = Snapshot(now=t, current_replicas=cur, replicas=[ReplicaLoad(0, 1)])
+        cur, _, state = decide(snap, p, state)
+        if cur < 3 and first_down is None:
+            first_down = t
+    assert cur == 1 and first_down == pytest.approx(300.0)
+    assert len(state.history) <= 2
