@@ -124,10 +124,17 @@ class FleetlmPolicy:
         self.dirty_since: float | None = None
         self.last_kind = ""
         self.last_version = -1
+        self.history_loaded = False  # continue the stored history after a controller restart
 
     def __call__(self, ctx: AutoscalingContext) -> tuple[int, dict[str, Any]]:
         now = ctx.current_time or time.time()
         self._refresh(now)
+        if not self.history_loaded:
+            self.history_loaded = True
+            try:
+                self.history = get_history(ctx.deployment_name).get(ctx.deployment_name, [])
+            except Exception:  # no store (unit tests) or GCS hiccup: start a fresh history
+                self.history = []
         model = self.model or _model_of(ctx.deployment_name)
         params = _within_serve_bounds(self.policy.params_for(model), ctx)
         snap = snapshot_from_context(ctx, now)
