@@ -163,6 +163,16 @@ class BlockManager:
                 self.free_queue.append(b)
         req.block_table = []
 
+    def trim(self, req: Request, num_tokens: int) -> None:
+        """Roll back: drop ``req``'s tail blocks beyond what ``num_tokens`` tokens need (blocks that
+        only held rejected draft tokens). They were never published to the prefix cache."""
+        keep = -(-num_tokens // self.block_size)
+        while len(req.block_table) > keep:
+            b = self.blocks[req.block_table.pop()]
+            b.ref_cnt -= 1
+            if b.ref_cnt == 0:
+                self.free_queue.append(b)
+
     def cache_full_blocks(self, req: Request) -> None:
         """Publish ``req``'s blocks that are full *and* computed into the prefix cache."""
         if not self.enable_prefix_caching:

@@ -6,19 +6,22 @@ import itertools
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from transformers import AutoTokenizer, GenerationConfig
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.model_runner import ModelRunner
-from engine.outputs import BlockEvent, EngineStats, RequestOutput, TokenLogprob
+from engine.outputs import BlockEvent, EngineStats, RequestOutput, SchedulerOutput, TokenLogprob
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Request
+from engine.spec_decode import SpecController, SpeculativeConfig, ngram_propose, verify
 
 logger = logging.getLogger(__name__)
 
@@ -47,13 +50,20 @@ def _eos_ids(model_path: str, tokenizer) -> tuple[int, ...]:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, model_path: str | None = None) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        model_path: str | None = None,
+        runner_factory: Callable[[EngineConfig, str], ModelRunner] | None = None,
+    ) -> None:
+        """``runner_factory`` builds the model runner (default: one-process ``ModelRunner``; the
+        tensor-parallel runner drives several shards behind the same interface)."""
         from engine.demo_model import resolve_model
 
         self.config = config
         self.model_path = model_path or resolve_model(config.model)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        self.runner = ModelRunner(config, self.model_path)
+        self.runner = (runner_factory or ModelRunner)(config, self.model_path)
         self.block_size = config.block_size
         max_pos = getattr(self.runner.hf_config, "max_position_embeddings", None) or 2048
         self.max_model_len = min(config.max_model_len or max_pos, max_pos)
@@ -70,6 +80,26 @@ class LLMEngine:
             config.enable_chunked_prefill,
         )
         self.sampler = Sampler(self.runner.device, config.seed)
+        self.spec: SpecController | None = None
+        self.draft_runner: ModelRunner | None = None
+        if config.speculative:
+            spec_cfg = SpeculativeConfig.from_dict(config.speculative)
+            self.spec = SpecController(spec_cfg)
+            if spec_cfg.method == "draft_model":
+                # The draft keeps its own KV tensors but shares block ids (and so the block
+                # manager) with the target: same slots, same prefix hits, same rollback.
+                draft_cfg = EngineConfig.from_dict(
+                    {**config.to_dict(), "speculative": None, "quantization": None}
+                )
+                self.draft_runner = ModelRunner(
+                    draft_cfg, resolve_model(spec_cfg.model), num_blocks=self.runner.num_blocks
+                )
+                if self.draft_runner.vocab_size != self.vocab_size:
+                    raise ValueError(
+                        "speculative.model must share the target's tokenizer/vocabulary "
+                        f"({self.draft_runner.vocab_size} != {self.vocab_size})"
+                    )
+        self.num_steps = 0
         self.requests: dict[str, Request] = {}
         self.detoks: dict[str, IncrementalDetokenizer] = {}
         self.prompt_tokens_total = 0
@@ -135,6 +165,8 @@ class LLMEngine:
         self.scheduler.abort(req)
         self.detoks.pop(request_id, None)
         self.sampler.forget(request_id)
+        if self.spec is not None:
+            self.spec.forget(request_id)
         return True
 
     def has_unfinished(self) -> bool:
@@ -145,21 +177,83 @@ class LLMEngine:
         sched, reqs = self.scheduler.schedule()
         if not reqs:
             return []
-        logits = self.runner.forward(sched, [r.token_ids for r in reqs])
-        sampling = [r for r, s in zip(reqs, sched.sample, strict=True) if s]
-        tokens, lps = self.sampler.sample(logits, sampling)
-        by_req = {r.request_id: (t, lp) for r, t, lp in zip(sampling, tokens, lps, strict=True)}
-        sampled = [[by_req[r.request_id][0]] if r.request_id in by_req else [] for r in reqs]
-        self.scheduler.update(reqs, sched.num_scheduled_tokens, sampled)
+        self.num_steps += 1
+        tokens_in = [r.token_ids + d for r, d in zip(reqs, sched.spec_token_ids, strict=True)]
+        logits = self.runner.forward(sched, tokens_in)
+        if self.draft_runner is not None:
+            self.draft_runner.forward(sched, tokens_in)  # keep the draft's KV in step
+        # Split logits rows: each sampling request owns 1 + len(drafts) consecutive rows.
+        plain: list[tuple[Request, int]] = []
+        spec: list[tuple[Request, int, list[int]]] = []
+        row = 0
+        for r, smp, drafts in zip(reqs, sched.sample, sched.spec_token_ids, strict=True):
+            if not smp:
+                continue
+            (spec.append((r, row, drafts)) if drafts else plain.append((r, row)))
+            row += 1 + len(drafts)
+        result: dict[str, tuple[list[int], list | None, int]] = {}
+        if plain:
+            idx = torch.tensor([i for _, i in plain], dtype=torch.long)
+            toks, lps = self.sampler.sample(logits[idx], [r for r, _ in plain])
+            for (r, _), t, lp in zip(plain, toks, lps, strict=True):
+                result[r.request_id] = ([t], [lp] if lp is not None else None, 0)
+        for r, i, drafts in spec:
+            accepted = verify(
+                logits[i : i + len(drafts) + 1],
+                drafts,
+                None if r.params.greedy else (lambda row, p=r.params: self.sampler._probs(row, p)),
+                self.sampler._generator(r),
+            )
+            self.spec.record(r.request_id, len(drafts), len(accepted) - 1)
+            result[r.request_id] = (accepted, None, len(drafts) - (len(accepted) - 1))
+        sampled = [result[r.request_id][0] if r.request_id in result else [] for r in reqs]
+        rejected = [result[r.request_id][2] if r.request_id in result else 0 for r in reqs]
+        n_before = [r.num_tokens for r in reqs]
+        self.scheduler.update(reqs, sched.num_scheduled_tokens, sampled, rejected)
         now = time.monotonic()
         outputs = []
-        for req in sampling:
-            tok, lp = by_req[req.request_id]
+        for req, before in zip(reqs, n_before, strict=True):
+            if req.request_id not in result:
+                continue
+            _, lps, _ = result[req.request_id]
+            kept = req.token_ids[before:]  # tokens past a stop condition were not appended
             if req.first_token_time is None:
                 req.first_token_time = now
-            self.generation_tokens_total += 1
-            outputs.append(self._output(req, [tok], [lp] if lp is not None else None))
+            self.generation_tokens_total += len(kept)
+            outputs.append(self._output(req, kept, lps))
+        if self.spec is not None:
+            self._propose(self.scheduler.running)
         return outputs
+
+    def _propose(self, running: list[Request]) -> None:
+        cfg = self.spec.cfg
+        eligible = self.spec.eligible(running)
+        if not eligible:
+            return
+        k = cfg.num_tokens
+        if cfg.method == "ngram":
+            for r in eligible:
+                r.spec_token_ids = ngram_propose(r.token_ids, k, cfg.ngram_max, cfg.ngram_min)
+            return
+        # Draft model: k greedy decode steps over the eligible batch, slots allocated up front.
+        batch = [r for r in eligible if self.block_manager.allocate(r, 1 + k)]
+        drafts: list[list[int]] = [[] for _ in batch]
+        for j in range(k):
+            out = SchedulerOutput(
+                req_ids=[r.request_id for r in batch],
+                num_scheduled_tokens=[1] * len(batch),
+                num_computed_tokens=[r.num_tokens - 1 + j for r in batch],
+                block_tables=[r.block_table for r in batch],
+                sample=[True] * len(batch),
+                spec_token_ids=[[] for _ in batch],
+            )
+            logits = self.draft_runner.forward(
+                out, [r.token_ids + d for r, d in zip(batch, drafts)]
+            )
+            for d, t in zip(drafts, torch.argmax(logits, dim=-1).tolist(), strict=True):
+                d.append(t)
+        for r, d in zip(batch, drafts, strict=True):
+            r.spec_token_ids = d
 
     def _output(self, req: Request, new: list[int], lps) -> RequestOutput:
         detok = self.detoks[req.request_id]
@@ -173,6 +267,8 @@ class LLMEngine:
             self.requests.pop(req.request_id, None)
             self.detoks.pop(req.request_id, None)
             self.sampler.forget(req.request_id)
+            if self.spec is not None:
+                self.spec.forget(req.request_id)
         return RequestOutput(
             request_id=req.request_id,
             new_token_ids=new,
@@ -225,6 +321,9 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
+            spec_draft_tokens=self.spec.draft_tokens if self.spec else 0,
+            spec_accepted_tokens=self.spec.accepted_tokens if self.spec else 0,
+            num_steps=self.num_steps,
         )
 
     def pop_block_events(self) -> list[BlockEvent]:

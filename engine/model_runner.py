@@ -39,7 +39,9 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_path: str) -> None:
+    def __init__(
+        self, config: EngineConfig, model_path: str, num_blocks: int | None = None
+    ) -> None:
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         if config.num_threads and self.device.type == "cpu":
@@ -67,8 +69,10 @@ class ModelRunner:
         per_block = KVCache.bytes_per_block(
             self.num_layers, self.block_size, self.num_kv_heads, self.head_dim, self.dtype
         )
-        self.num_blocks = config.num_kv_blocks or max(
-            2, int(config.kv_cache_memory_gb * 2**30 // per_block)
+        self.num_blocks = (
+            num_blocks
+            or config.num_kv_blocks
+            or max(2, int(config.kv_cache_memory_gb * 2**30 // per_block))
         )
         self.kv_cache = KVCache(
             self.num_layers,
@@ -123,8 +127,9 @@ class ModelRunner:
                     PrefillChunk(row, n, start, torch.from_numpy(all_slots).to(self.device), mask)
                 )
             row += n
-            if out.sample[i]:
-                sample_rows.append(row - 1)
+            if out.sample[i]:  # the last real token's row, plus one row per draft token
+                k = len(out.spec_token_ids[i]) if out.spec_token_ids else 0
+                sample_rows.extend(range(row - 1 - k, row))
 
         dev = self.device
         d_rows = d_slots = d_mask = None

@@ -14,6 +14,7 @@ class SchedulerOutput:
     num_computed_tokens: list[int]  # tokens already in KV before this step, aligned with req_ids
     block_tables: list[list[int]]  # aligned with req_ids
     sample: list[bool]  # whether this step reaches the end of the known tokens (emit a token)
+    spec_token_ids: list[list[int]] = field(default_factory=list)  # drafts appended per request
     preempted_req_ids: list[str] = field(default_factory=list)
     finished_req_ids: list[str] = field(default_factory=list)  # freed since the last step
 
@@ -56,6 +57,9 @@ class EngineStats:
     num_preemptions: int
     prompt_tokens_total: int
     generation_tokens_total: int
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
+    num_steps: int = 0
 
     @property
     def kv_cache_usage(self) -> float:

@@ -43,6 +43,7 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         self.bm.free(req)
+        req.spec_token_ids = []
         req.num_computed_tokens = 0
         req.status = RequestStatus.WAITING
         req.num_preemptions += 1
@@ -59,7 +60,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            gap = req.num_tokens - req.num_computed_tokens
+            # Draft tokens ride along with the decode token when the budget has room for them.
+            req.spec_token_ids = req.spec_token_ids[: max(0, budget - gap)]
+            num_new = min(gap + len(req.spec_token_ids), budget)
             if num_new <= 0:
                 i += 1
                 continue
@@ -105,23 +109,37 @@ class Scheduler:
             num_scheduled_tokens=[n for _, n in scheduled],
             num_computed_tokens=[r.num_computed_tokens for r, _ in scheduled],
             block_tables=[r.block_table for r, _ in scheduled],
-            sample=[r.num_computed_tokens + n == r.num_tokens for r, n in scheduled],
+            sample=[r.num_computed_tokens + n >= r.num_tokens for r, n in scheduled],
+            spec_token_ids=[list(r.spec_token_ids) for r, _ in scheduled],
             preempted_req_ids=preempted,
             finished_req_ids=finished,
         ), [r for r, _ in scheduled]
 
-    def update(self, scheduled: list[Request], num_scheduled: list[int], sampled: list[list[int]]):
+    def update(
+        self,
+        scheduled: list[Request],
+        num_scheduled: list[int],
+        sampled: list[list[int]],
+        num_rejected: list[int] | None = None,
+    ):
         """Apply a step's results. ``sampled[i]`` holds the tokens accepted for request i (empty for
-        a prefill chunk that didn't reach the end of the known tokens). Returns newly finished ones."""
+        a prefill chunk that didn't reach the end of the known tokens): accepted drafts plus one
+        sampled token. ``num_rejected[i]`` draft tokens were computed but rejected: their KV is
+        rolled back (not counted as computed; blocks only they needed are freed).
+        Returns the newly finished requests."""
         finished: list[Request] = []
-        for req, n, toks in zip(scheduled, num_scheduled, sampled, strict=True):
+        rejected = num_rejected or [0] * len(scheduled)
+        for req, n, toks, rej in zip(scheduled, num_scheduled, sampled, rejected, strict=True):
             if req.is_finished:  # aborted while the step ran
                 continue
-            req.num_computed_tokens += n
+            req.num_computed_tokens += n - rej
+            req.spec_token_ids = []
             for t in toks:
                 req.append_token(t)
                 if self._check_stop(req, t):
                     break
+            if rej:
+                self.bm.trim(req, req.num_tokens)
             self.bm.cache_full_blocks(req)
             if req.is_finished:
                 finished.append(req)

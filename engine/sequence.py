@@ -47,6 +47,7 @@ class Request:
         self.eos_token_ids = eos_token_ids
         self.extra_keys = cache_salt
         self.num_preemptions = 0
+        self.spec_token_ids: list[int] = []  # draft tokens to verify in the next step
         # Chained hashes of every full block of token_ids, extended as tokens are appended.
         self.block_hashes: list[int] = []
         self._update_block_hashes()

@@ -1,0 +1,155 @@
+"""Speculative decoding: proposers (n-gram prompt lookup, draft model), verification, back-off.
+
+Verification (all drafts of a batch are checked in the target's one forward of the step):
+- greedy requests accept the longest prefix of drafts equal to the target's argmax, then take the
+  target's own token at the first mismatch (or a bonus token after all k): output is token for token
+  what decoding without speculation gives.
+- sampled requests use rejection sampling. Both proposers here draft deterministically (n-gram
+  lookup; the draft model drafts greedily), so the draft distribution q is one-hot at draft x:
+  # p: target distribution at that position (after temperature/top-k/top-p/min-p), q = onehot(x)
+  accept x with probability min(1, p(x) / q(x)) = p(x); on rejection sample from
+  norm(max(p - q, 0)) = p with x removed, renormalised. Then P(out = y) = p(x)·[y=x] + (1 - p(x))·
+  p(y)/(1 - p(x))·[y≠x] = p(y): exactly the target distribution.
+Rejected draft tokens were written to KV but are not counted as computed; the scheduler rolls
+``num_computed_tokens`` back and frees blocks only they needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from engine.sequence import Request
+
+
+@dataclass
+class SpeculativeConfig:
+    method: str  # "ngram" | "draft_model"
+    num_tokens: int = 4  # k drafts per step
+    model: str | None = None  # draft model folder (draft_model)
+    ngram_max: int = 4
+    ngram_min: int = 1
+    max_batch_size: int = 8  # speculate only while this few requests run (back-off)
+    min_acceptance: float = 0.3  # per request; below this (over >= 4 proposals) it pauses
+    pause_steps: int = 16
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SpeculativeConfig:
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown speculative option(s) {unknown}; allowed: {sorted(known)}")
+        cfg = cls(**d)
+        if cfg.method not in ("ngram", "draft_model"):
+            raise ValueError(f"speculative.method must be ngram|draft_model, got {cfg.method!r}")
+        if not isinstance(cfg.num_tokens, int) or not 1 <= cfg.num_tokens <= 16:
+            raise ValueError(f"speculative.num_tokens must be in [1, 16], got {cfg.num_tokens!r}")
+        if cfg.method == "draft_model" and not cfg.model:
+            raise ValueError("speculative.model (a local HF folder) is required for draft_model")
+        if not 1 <= cfg.ngram_min <= cfg.ngram_max:
+            raise ValueError("speculative.ngram_min must be in [1, ngram_max]")
+        if not 0.0 <= cfg.min_acceptance <= 1.0:
+            raise ValueError("speculative.min_acceptance must be in [0, 1]")
+        return cfg
+
+
+def ngram_propose(tokens: list[int], k: int, max_n: int = 4, min_n: int = 1) -> list[int]:
+    """Prompt lookup: find the most recent earlier occurrence of the last n tokens (longest n
+    first) and propose the up-to-k tokens that followed it."""
+    length = len(tokens)
+    for n in range(min(max_n, length - 1), min_n - 1, -1):
+        pattern = tokens[length - n :]
+        first = pattern[0]
+        for start in range(length - n - 1, -1, -1):
+            if tokens[start] == first and tokens[start : start + n] == pattern:
+                follow = tokens[start + n : start + n + k]
+                if follow:
+                    return follow
+    return []
+
+
+def verify(
+    logits: torch.Tensor,  # [k + 1, V] target logits at the last real token and each draft
+    drafts: list[int],
+    probs_fn,  # row -> target probabilities (None for greedy)
+    generator: torch.Generator | None,
+) -> list[int]:
+    """Return the accepted drafts followed by one token from the target (1..k+1 tokens)."""
+    out: list[int] = []
+    if probs_fn is None:
+        target = torch.argmax(logits, dim=-1).tolist()
+        for j, x in enumerate(drafts):
+            if target[j] != x:
+                return out + [target[j]]
+            out.append(x)
+        return out + [target[len(drafts)]]
+    for j, x in enumerate(drafts):
+        p = probs_fn(logits[j])
+        if float(torch.rand((), generator=generator)) < float(p[x]):
+            out.append(x)
+            continue
+        residual = p.clone()
+        residual[x] = 0.0
+        total = residual.sum()
+        if total <= 0:  # p was one-hot at x: rejection has probability 0
+            out.append(x)
+            continue
+        y = int(torch.multinomial(residual / total, 1, generator=generator))
+        return out + [y]
+    p = probs_fn(logits[len(drafts)])
+    return out + [int(torch.multinomial(p, 1, generator=generator))]
+
+
+@dataclass
+class _Track:
+    proposed: int = 0
+    accepted: int = 0
+    paused_until: int = 0
+    history: list[tuple[int, int]] = field(default_factory=list)
+
+
+class SpecController:
+    """Decides who speculates this step (back-off) and keeps acceptance counters."""
+
+    def __init__(self, cfg: SpeculativeConfig) -> None:
+        self.cfg = cfg
+        self.tracks: dict[str, _Track] = {}
+        self.step = 0
+        self.draft_tokens = 0
+        self.accepted_tokens = 0
+
+    def eligible(self, running: list[Request]) -> list[Request]:
+        self.step += 1
+        if len(running) > self.cfg.max_batch_size:
+            return []  # large batch: the spare compute speculation needs isn't there
+        out = []
+        for r in running:
+            p = r.params
+            if r.is_finished or r.num_tokens - r.num_computed_tokens != 1:
+                continue  # still prefilling
+            if p.logprobs is not None or p.presence_penalty or p.frequency_penalty:
+                continue
+            if p.repetition_penalty != 1.0:
+                continue
+            if self.tracks.get(r.request_id, _Track()).paused_until > self.step:
+                continue
+            out.append(r)
+        return out
+
+    def record(self, request_id: str, proposed: int, accepted: int) -> None:
+        if not proposed:
+            return
+        self.draft_tokens += proposed
+        self.accepted_tokens += accepted
+        t = self.tracks.setdefault(request_id, _Track())
+        t.history = (t.history + [(proposed, accepted)])[-8:]
+        prop = sum(h[0] for h in t.history)
+        acc = sum(h[1] for h in t.history)
+        if len(t.history) >= 4 and acc < self.cfg.min_acceptance * prop:
+            t.paused_until = self.step + self.cfg.pause_steps
+            t.history = []
+
+    def forget(self, request_id: str) -> None:
+        self.tracks.pop(request_id, None)
