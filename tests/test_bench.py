@@ -240,6 +240,12 @@ def test_metrics_exact_from_synthetic_records():
     assert r.total_token_throughput == pytest.approx((20 + 5) / 2)
     assert r.goodput == 0.5  # only request 0 meets both SLOs
     assert r.prefix_cache_hit_rate is None
+    # Time series: 20 bins of 0.1 s; request-seconds in flight and tokens add up exactly.
+    ts = r.timeseries
+    assert ts.bin_s == pytest.approx(0.1) and len(ts.t) == 20
+    assert sum(ts.in_flight) * ts.bin_s == pytest.approx(0.7 + 1.4)
+    assert ts.in_flight[0] == pytest.approx(2) and ts.in_flight[-1] == 0
+    assert sum(ts.output_tok_s) * ts.bin_s == pytest.approx(5)
     # Per tag (failed requests excluded): decode speed = tokens after the first / time after it.
     assert r.by_tag["a"]["count"] == 2
     assert r.by_tag["a"]["decode_tok_s"] == pytest.approx((2 + 1) / (0.2 + 0.4))

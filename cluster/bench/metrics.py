@@ -81,7 +81,7 @@ class TimeSeries:
     t: list[float]  # bin start, seconds since the run started
     output_tok_s: list[float]  # output tokens received in the bin / bin_s
     finished_req_s: list[float]  # successful requests finished in the bin / bin_s
-    in_flight: list[int]  # requests sent but not finished at the bin's start
+    in_flight: list[float]  # requests sent but not finished, time-averaged over the bin
 
 
 @dataclass
@@ -125,7 +125,7 @@ def _timeseries(records: list[RequestRecord], start: float, duration_s: float) -
     nbins = max(1, math.ceil(duration_s / bin_s))
     tokens = np.zeros(nbins)
     finished = np.zeros(nbins)
-    in_flight = np.zeros(nbins, dtype=np.int64)
+    in_flight = np.zeros(nbins)
 
     def idx(t: float) -> int:
         return min(nbins - 1, max(0, int((t - start) / bin_s)))
@@ -138,10 +138,9 @@ def _timeseries(records: list[RequestRecord], start: float, duration_s: float) -
         if r.send_time == 0.0:
             continue  # never sent
         end = r.chunk_times[-1] if r.chunk_times else r.send_time
-        for b in range(nbins):
+        for b in range(idx(r.send_time), idx(end) + 1):
             t0 = start + b * bin_s
-            if r.send_time <= t0 < end:
-                in_flight[b] += 1
+            in_flight[b] += max(0.0, min(end, t0 + bin_s) - max(r.send_time, t0)) / bin_s
     return TimeSeries(
         bin_s=bin_s,
         t=[b * bin_s for b in range(nbins)],
