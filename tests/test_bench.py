@@ -71,6 +71,8 @@ def make_stub_app(b: StubBehaviour) -> FastAPI:
                     if outcome == "stream_error" and not first:
                         yield 'data: {"error": {"message": "injected stream error"}}\n\n'
                         return
+                    if outcome == "truncate" and not first:
+                        return  # connection closes without [DONE]
                     first = False
                     k = min(b.tokens_per_chunk, n - done)
                     done += k
@@ -157,7 +159,7 @@ def test_failures_counted_with_messages(stub):
     wl = make_workload("W1", num_requests=12, prompt_len=8, output_len=4, seed=3)
 
     def outcome(prompt):
-        return {0: "http500", 1: "stream_error"}.get(prompt[0] % 3, "ok")
+        return {0: "http500", 1: "stream_error", 2: "truncate"}.get(prompt[0] % 4, "ok")
 
     reset(b, outcome=outcome)
     expect = [outcome(s.prompt) for s in wl.requests]
@@ -167,10 +169,13 @@ def test_failures_counted_with_messages(stub):
     assert r.failed == 12 - expect.count("ok")
     assert r.total_output_tokens == 4 * expect.count("ok")
     first_bad = next(i for i, o in enumerate(expect) if o != "ok")
-    want = (
-        "HTTP 500: injected failure" if expect[first_bad] == "http500" else "injected stream error"
-    )
-    assert r.errors[0].startswith(f"request {first_bad}:") and want in r.errors[0]
+    want = {
+        "http500": "HTTP 500: injected failure",
+        "stream_error": "stream error: injected stream error",
+        "truncate": "stream ended before [DONE] after 1 chunks",
+    }
+    assert r.errors[0] == f"request {first_bad}: {want[expect[first_bad]]}"
+    assert set(expect) == {"ok", "http500", "stream_error", "truncate"}
     assert len(r.errors) == min(5, r.failed)
 
 

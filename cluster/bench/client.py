@@ -85,6 +85,7 @@ async def send_request(
     """Stream one completion into `rec`; never raises for server or network faults."""
     body = _build_body(model, spec, wl, continuous_usage)
     usage_total: int | None = None  # final usage.completion_tokens
+    done = False
     cum_usage: list[int | None] = []  # cumulative completion_tokens per chunk (continuous usage)
     rec.send_time = time.perf_counter()
     try:
@@ -99,6 +100,7 @@ async def send_request(
                     continue  # blank separators, comments, `event:` lines
                 data = line[5:].strip()
                 if data == "[DONE]":
+                    done = True
                     break
                 chunk = json.loads(data)
                 if "error" in chunk:
@@ -121,6 +123,9 @@ async def send_request(
         return rec
     if not rec.chunk_times:
         rec.error = "stream ended without any completion chunk"
+        return rec
+    if not done:  # a replica that dies mid-stream closes the connection early: not a success
+        rec.error = f"stream ended before [DONE] after {len(rec.chunk_times)} chunks"
         return rec
     rec.chunk_tokens = _tokens_per_chunk(cum_usage, usage_total)
     rec.output_tokens = round(sum(rec.chunk_tokens))
