@@ -18,6 +18,7 @@ from engine.paged_attention import (
     PrefillChunk,
     paged_attention,
 )
+from engine.tensor_parallel import TPGroup, plan_heads, shard_model
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +41,14 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 class ModelRunner:
     def __init__(
-        self, config: EngineConfig, model_path: str, num_blocks: int | None = None
+        self,
+        config: EngineConfig,
+        model_path: str,
+        num_blocks: int | None = None,
+        tp_group: TPGroup | None = None,
     ) -> None:
+        """``tp_group``: this process is one tensor-parallel shard; it keeps its slice of the
+        weights (engine/tensor_parallel.py) and a KV cache of its own KV heads only."""
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         if config.num_threads and self.device.type == "cpu":
@@ -51,6 +58,10 @@ class ModelRunner:
             model_path, config=hf_config, dtype=self.dtype, attn_implementation=ATTN_NAME
         ).to(self.device)
         self.model.eval()
+        split = None
+        if tp_group is not None and tp_group.size > 1:
+            split = plan_heads(hf_config, tp_group.size, tp_group.rank)
+            shard_model(self.model, split, tp_group)
         if config.quantization == "int8":
             from engine.quantization import quantize_int8
 
@@ -62,6 +73,8 @@ class ModelRunner:
         self.num_kv_heads = getattr(text_cfg, "num_key_value_heads", None) or (
             text_cfg.num_attention_heads
         )
+        if split is not None:
+            self.num_kv_heads = split.local_kv_heads
         self.head_dim = getattr(text_cfg, "head_dim", None) or (
             text_cfg.hidden_size // text_cfg.num_attention_heads
         )
