@@ -1,16 +1,16 @@
 """Tensor-parallel model runner: shard 0 (in the engine's process) drives N-1 worker shards.
 
 ``TPRunner`` has ModelRunner's interface (``forward(sched_out, token_ids) -> logits``,
-``num_blocks``, ``vocab_size``, ``hf_config``, ``device``), so ``LLMEngine(config, runner_factory=...)`` schedules,
-samples and streams exactly as with one shard. Each step shard 0 broadcasts the SchedulerOutput and
-the scheduled token ids (ids and counts only: for request i the window
-``token_ids[i][computed : computed + scheduled]``, never whole histories) over the control group;
-all shards run the forward (row-parallel layers all-reduce); shard 0 alone runs the LM head and samples.
+``num_blocks``, ``vocab_size``, ``hf_config``, ``device``), so
+``LLMEngine(config, runner_factory=...)`` schedules, samples and streams exactly as with one shard.
+Each step shard 0 broadcasts the SchedulerOutput and the scheduled token ids (ids and counts only:
+for request i the window ``token_ids[i][computed : computed + scheduled]``, never whole histories)
+over the control group; all shards run the forward (row-parallel layers all-reduce); shard 0 alone
+runs the LM head and samples.
 
 Workers are started by a *launcher* (``Callable[[TPInit], TPWorkers]``), so this module stays free
 of Ray: ``deployments/tp_worker.py`` places Ray actors in the replica's placement group;
-``local_launcher`` spawns local processes (tests, bench). Every worker runs
-:func:`run_worker`.
+``local_launcher`` spawns local processes (tests, bench). Every worker runs :func:`run_worker`.
 
 Faults: a dead peer makes the next collective raise (gloo: "connection closed by peer"; a hung peer:
 the tensor group's timeout), so ``forward`` raises and the AsyncEngine fails its streams with
