@@ -336,12 +336,13 @@ class OpenAIIngress:
     ) -> AsyncIterator[str]:
         states: dict[int, ChoiceState] = defaultdict(ChoiceState)
         deltas = self._deltas(call)
+        continuous = bool(body.stream_options and body.stream_options.continuous_usage_stats)
         try:
             async for items in deltas:
                 tracker.chunk(sum(len(d["token_ids"]) for _, d in items))
                 for idx, d in items:
                     apply_delta(states[idx], d)
-                yield writer.deltas(items)
+                yield writer.deltas(items, usage_of(states, n) if continuous else None)
             if body.include_usage():
                 yield writer.usage(usage_of(states, n))
             yield SSE_DONE

@@ -143,8 +143,7 @@ class LLMServer:
         start = time.monotonic()
         first = True
         try:
-            sources = [self._stream(job_id, ids, p) for job_id, ids, p in jobs]
-            async for batch in merge_coalesced(sources):
+            async for batch in self._batches(jobs):
                 merged: dict[int, dict[str, Any]] = {}
                 for i, out in batch:
                     d = output_delta(i, out)
@@ -175,6 +174,27 @@ class LLMServer:
         finally:
             # Closing merge_coalesced aborted every unfinished engine stream (blocks freed).
             self.num_inflight -= n - finished
+
+    def _batches(
+        self, jobs: list[tuple[str, list[int], SamplingParams]]
+    ) -> AsyncIterator[list[tuple[int, RequestOutput]]]:
+        """Engine outputs as batches [(choice index, output)]. One choice (the common case) skips
+        the merge machinery: AsyncEngine already merges what a lagging consumer left queued."""
+        if len(jobs) > 1:
+            return merge_coalesced([self._stream(*job) for job in jobs])
+        return self._single(*jobs[0])
+
+    async def _single(
+        self, rid: str, ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[list[tuple[int, RequestOutput]]]:
+        agen = self._stream(rid, ids, params)
+        try:
+            async for out in agen:
+                yield [(0, out)]
+        except Exception as e:  # the same error shape as merge_coalesced's
+            raise StreamError(0, e) from e
+        finally:
+            await agen.aclose()
 
     async def _stream(
         self, rid: str, ids: list[int], params: SamplingParams

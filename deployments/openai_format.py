@@ -186,8 +186,10 @@ class ChunkWriter:
             body["usage"] = usage
         return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
 
-    def deltas(self, items: list[tuple[int, dict[str, Any]]]) -> str:
-        """One SSE event per call: every choice's delta of this engine step (or of several)."""
+    def deltas(self, items: list[tuple[int, dict[str, Any]]], usage: Usage | None = None) -> str:
+        """One SSE event per call: every choice's delta of this engine step (or of several).
+
+        ``usage``: running totals for vLLM's ``stream_options.continuous_usage_stats``."""
         choices = []
         for idx, d in items:
             fr = public_finish_reason(d.get("finish_reason"))
@@ -211,7 +213,7 @@ class ChunkWriter:
                     "finish_reason": fr,
                 }
             choices.append(ch)
-        return self._wrap(choices)
+        return self._wrap(choices, usage.to_dict() if usage is not None else None)
 
     def usage(self, usage: Usage) -> str:
         return self._wrap([], usage.to_dict())

@@ -247,3 +247,132 @@ def test_autoscaling_and_routing_stats(server):
     assert all(isinstance(v, int | float) for v in a.values())
     r = server.record_routing_stats()
     assert r["num_running"] == 0 and "num_free_blocks" in r
+
+
+# -- the ingress request path with a fake replica handle (no Serve) ---------------------------
+class _FakeGen:
+    """Stands in for DeploymentResponseGenerator: yields scripted messages or raises."""
+
+    def __init__(self, messages, error=None):
+        self.messages = list(messages)
+        self.error = error
+        self.cancelled = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self.error is not None:
+            raise self.error
+        if not self.messages:
+            raise StopAsyncIteration
+        await asyncio.sleep(0)
+        return self.messages.pop(0)
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class _FakeHandle:
+    def __init__(self, gen):
+        self.gen = gen
+        self.reqs = []
+
+    def options(self, **kw):
+        return self
+
+    @property
+    def generate(self):
+        return self
+
+    def remote(self, req):
+        self.reqs.append(req)
+        return self.gen
+
+
+def _ingress(gen):
+    from deployments.ingress import OpenAIIngress
+    from deployments.model_runtime import ModelRuntime
+
+    # The class under serve.ingress's wrapper: routes and state only, no ASGI replica around it.
+    ing = object.__new__(OpenAIIngress.__mro__[1])
+    ing.key_digests = set()
+    rt = ModelRuntime("m", _FakeHandle(gen), None, max_model_len=64, block_size=4, vocab_size=100)
+    rt.token_text = str  # type: ignore[method-assign]
+    ing.runtimes = {"m": rt}
+    return ing, rt
+
+
+def _request():
+    from starlette.requests import Request
+
+    return Request({"type": "http", "headers": [(b"x-request-id", b"rid-1")], "method": "POST"})
+
+
+def _delta(i, text, fin=None, n_out=1):
+    return {
+        "index": i,
+        "token_ids": [1],
+        "text": text,
+        "finish_reason": fin,
+        "num_prompt_tokens": 9,
+        "num_output_tokens": n_out,
+        "num_cached_tokens": 8,
+        "logprobs": None,
+    }
+
+
+def test_ingress_internal_error_is_500_with_request_id_and_no_trace():
+    ing, _ = _ingress(_FakeGen([], error=RuntimeError("secret internals")))
+    body = CompletionRequest(model="m", prompt=list(range(9)), max_tokens=2)
+    resp = asyncio.run(ing._serve(_request(), body, chat=False))
+    err = json.loads(resp.body)["error"]
+    assert resp.status_code == 500 and "rid-1" in err["message"]
+    assert "secret" not in resp.body.decode() and "Traceback" not in resp.body.decode()
+
+
+def test_ingress_replica_error_message_keeps_status_and_headers():
+    limited = APIError(429, "full", type="rate_limit_error", headers={"Retry-After": "1"})
+    gen = _FakeGen([{"error": limited.to_dict()}])
+    ing, _ = _ingress(gen)
+    body = CompletionRequest(model="m", prompt=list(range(9)), max_tokens=2)
+    resp = asyncio.run(ing._serve(_request(), body, chat=False))
+    assert resp.status_code == 429 and resp.headers["retry-after"] == "1"
+    assert gen.cancelled
+
+
+def test_ingress_sends_block_hashes_and_builds_the_body():
+    from engine.block_hash import block_hashes
+
+    msgs = [
+        {"replica": "r7", "outputs": [_delta(0, "he")]},
+        {"outputs": [_delta(0, "llo", "length", 2)]},
+    ]
+    ing, rt = _ingress(_FakeGen(msgs))
+    body = CompletionRequest(model="m", prompt=list(range(9)), max_tokens=2)
+    resp = asyncio.run(ing._serve(_request(), body, chat=False))
+    out = json.loads(resp.body)
+    assert resp.headers["x-fleetlm-replica"] == "r7"
+    assert out["choices"][0]["text"] == "hello" and out["choices"][0]["finish_reason"] == "length"
+    assert out["usage"]["prompt_tokens_details"]["cached_tokens"] == 8
+    req = rt.handle.reqs[0]
+    assert req["block_hashes"] == block_hashes(list(range(9)), 4) and len(req["block_hashes"]) == 2
+
+
+def test_ingress_stream_closed_early_cancels_the_replica_call():
+    msgs = [{"replica": "r1", "outputs": [_delta(0, "a")]}] + [
+        {"outputs": [_delta(0, "b")]} for _ in range(10)
+    ]
+    gen = _FakeGen(msgs)
+    ing, _ = _ingress(gen)
+    body = CompletionRequest(model="m", prompt=list(range(9)), max_tokens=20, stream=True)
+
+    async def main():
+        resp = await ing._serve(_request(), body, chat=False)
+        it = resp.body_iterator
+        first = await it.__anext__()
+        assert first.startswith("data: ")
+        await it.aclose()  # what Starlette does when the client disconnects
+
+    asyncio.run(main())
+    assert gen.cancelled
