@@ -10,6 +10,11 @@ matmul 0.53 ms; `torch._weight_int8pack_mm` 0.65 ms with bf16 activations but ~1
 activations use cast-matmul-scale (fp32 speed, a quarter of the weight memory), bf16 activations on
 CPU use the packed int8 kernel, and other dtypes dequantize the weight before the matmul (scaling
 the output of an unscaled int8 matmul could overflow fp16).
+
+Optional dynamic activations (W8A8, `dynamic_activations=True`, fp32 on CPU only): each input row is
+quantized to int8 with its own scale and multiplied by `torch._int_mm` (int32 accumulation, VNNI on
+CPU): 0.18 ms for the shape above, 3x faster than fp32, at ~1.0% relative output error instead of
+weight-only's ~0.8%. Other devices/dtypes keep the weight-only path.
 """
 
 from __future__ import annotations
@@ -38,8 +43,15 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class Int8Linear(nn.Module):
     """y = x @ (q * scale[:, None])^T + bias, with q int8 [out, in] and scale float32 [out]."""
 
-    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(
+        self,
+        qweight: torch.Tensor,
+        scale: torch.Tensor,
+        bias: torch.Tensor | None,
+        dynamic_activations: bool = False,
+    ):
         super().__init__()
+        self.dynamic_activations = dynamic_activations
         assert qweight.dtype == torch.int8 and qweight.dim() == 2
         assert scale.shape == (qweight.shape[0],)
         self.out_features, self.in_features = qweight.shape
@@ -48,15 +60,18 @@ class Int8Linear(nn.Module):
         self.bias = nn.Parameter(bias.detach(), requires_grad=False) if bias is not None else None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+    def from_linear(cls, linear: nn.Linear, dynamic_activations: bool = False) -> Int8Linear:
         q, scale = quantize_weight(linear.weight)
-        return cls(q.to(linear.weight.device), scale.to(linear.weight.device), linear.bias)
+        dev = linear.weight.device
+        return cls(q.to(dev), scale.to(dev), linear.bias, dynamic_activations)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return (self.qweight.float() * self.scale[:, None]).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:
+        if self.dynamic_activations and x.dtype == torch.float32 and x.device.type == "cpu":
+            y = self._forward_w8a8(x)
+        elif x.dtype == torch.float32:
             # Exact per-channel factorisation: (x @ q^T) * s == x @ (q * s)^T.
             y = F.linear(x, self.qweight.float()) * self.scale
         elif x.dtype == torch.bfloat16 and x.device.type == "cpu":
@@ -69,8 +84,19 @@ class Int8Linear(nn.Module):
             y = y + self.bias.to(y.dtype)
         return y
 
+    def _forward_w8a8(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)  # [M, K]
+        # Per-row symmetric scale; an all-zero row quantizes to zeros whatever its (tiny) scale.
+        xs = x2.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12) / QMAX  # [M, 1]
+        xq = torch.round(x2 / xs).clamp_(-QMAX, QMAX).to(torch.int8)
+        # int32 accumulation is exact: |sum| <= K * 127^2 < 2^31 for K < 133,000.
+        acc = torch._int_mm(xq, self.qweight.t())  # [M, N] int32
+        y = acc.float() * xs * self.scale
+        return y.reshape(*x.shape[:-1], self.out_features)
+
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+        mode = "w8a8-dynamic" if self.dynamic_activations else "int8 weight-only"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {mode}"
 
 
 def _skipped(name: str, skip: Iterable[str]) -> bool:
@@ -79,8 +105,11 @@ def _skipped(name: str, skip: Iterable[str]) -> bool:
     return any(s == name or s == last for s in skip)
 
 
-def quantize_int8(model: nn.Module, skip: Iterable[str] = ("lm_head",)) -> nn.Module:
-    """Swap every nn.Linear not named in `skip` for an Int8Linear, in place; returns `model`."""
+def quantize_int8(
+    model: nn.Module, skip: Iterable[str] = ("lm_head",), dynamic_activations: bool = False
+) -> nn.Module:
+    """Swap every nn.Linear not named in `skip` for an Int8Linear, in place; returns `model`.
+    `dynamic_activations`: also quantize inputs per row at run time (W8A8, faster on CPU)."""
     if isinstance(skip, str):
         raise ValueError("skip must be a collection of module names, not a single string")
     skip = tuple(skip)
@@ -92,7 +121,7 @@ def quantize_int8(model: nn.Module, skip: Iterable[str] = ("lm_head",)) -> nn.Mo
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Int8Linear.from_linear(linear))
+        setattr(parent, child, Int8Linear.from_linear(linear, dynamic_activations))
     return model
 
 

@@ -63,6 +63,30 @@ def test_int8_linear_bf16_kernel_matches_dequantized():
     assert rel < 0.02, rel
 
 
+def test_int8_linear_w8a8_matches_quantized_reference():
+    lin = nn.Linear(96, 40, bias=True)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(40, 96, generator=gen(9)) * 0.1)
+        lin.bias.copy_(torch.randn(40, generator=gen(10)))
+    qlin = Int8Linear.from_linear(lin, dynamic_activations=True)
+    x = torch.randn(7, 1, 96, generator=gen(11))
+    x[2] = 0.0  # a zero row stays exactly the bias
+    with torch.no_grad():
+        out = qlin(x)
+        ref = lin(x)
+    assert out.shape == (7, 1, 40)
+    # The same math in fp32: per-row quantized activations times dequantized weights.
+    xs = x.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127
+    xq = torch.round(x / xs).clamp(-127, 127) * xs
+    exact = xq @ qlin.dequantized_weight().T + lin.bias
+    assert torch.allclose(out, exact, atol=1e-4)
+    assert torch.equal(out[2], lin.bias.detach().expand(1, 40))
+    rel = (out - ref).norm() / ref.norm()
+    assert 0 < rel < 0.03, rel
+    # Off the CPU-fp32 path (bf16 here) it falls back to the weight-only kernels.
+    assert qlin(x.bfloat16()).dtype == torch.bfloat16
+
+
 @pytest.fixture(scope="module")
 def small_model():
     from transformers import AutoModelForCausalLM
@@ -92,6 +116,8 @@ def test_module_swap_and_memory(small_model):
     assert type(q2.model.layers[1].self_attn.q_proj) is Int8Linear
     with pytest.raises(ValueError, match="skip"):
         quantize_int8(copy.deepcopy(fp), skip="lm_head")
+    q3 = quantize_int8(copy.deepcopy(fp), dynamic_activations=True)
+    assert all(m.dynamic_activations for m in q3.modules() if isinstance(m, Int8Linear))
 
 
 def test_logits_close_and_greedy_agreement(small_model):
@@ -106,6 +132,11 @@ def test_logits_close_and_greedy_agreement(small_model):
     # sensitive than trained ones (see bench/quantization.py), hence 90% rather than 99%.
     agree = (a.argmax(-1) == b.argmax(-1)).float().mean()
     assert agree >= 0.9, agree
+    w8a8 = quantize_int8(copy.deepcopy(fp), dynamic_activations=True)
+    with torch.no_grad():
+        c = w8a8(x).logits
+    assert (a - c).norm() / a.norm() < 0.06
+    assert (a.argmax(-1) == c.argmax(-1)).float().mean() >= 0.85
 
 
 def test_greedy_decode_matches_dequantized_reference(small_model):
