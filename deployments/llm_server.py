@@ -99,7 +99,12 @@ class LLMServer:
         self.engine_config: EngineConfig = mc.engine_config()
         # A replica admits this many engine sequences (running + queued); beyond it answers 429.
         self.max_sequences = self.engine_config.max_num_seqs + mc.max_queued_requests
-        self.engine = AsyncEngine(self.engine_config)
+        if self.engine_config.tensor_parallel_size > 1:
+            from deployments.tp_worker import tp_async_engine  # shards 1..N-1 as Ray actors
+
+            self.engine = tp_async_engine(self.engine_config)
+        else:
+            self.engine = AsyncEngine(self.engine_config)
         self.replica_id = _replica_id()
         self.num_inflight = 0  # engine sequences admitted and not finished
         self.ttft = TTFTWindow()
@@ -248,6 +253,9 @@ class LLMServer:
         error = getattr(self.engine, "error", None)
         if error is not None:
             raise RuntimeError(f"engine thread stopped: {error}")
+        check = getattr(self.engine, "check_health", None)  # e.g. tensor-parallel workers alive
+        if check is not None:
+            check()
 
     def __del__(self) -> None:
         engine = getattr(self, "engine", None)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -172,7 +173,12 @@ def run_worker(init: TPInit, rank: int) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device.index or 0)
     group = TPGroup.join(init.master_addr, init.port, rank, init.world_size, device, init.timeout_s)
-    runner = ModelRunner(config, init.model_path, tp_group=group)
+    path = init.model_path
+    if not os.path.isdir(path):  # a worker on another node: build/find the model there
+        from engine.demo_model import resolve_model
+
+        path = resolve_model(config.model)
+    runner = ModelRunner(config, path, tp_group=group)
     group.all_gather_int(runner.num_blocks)
     logger.info("tensor-parallel shard %d/%d ready", rank, init.world_size)
     while True:
