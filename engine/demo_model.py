@@ -132,8 +132,22 @@ def write_demo_model(out: Path, spec: DemoSpec, progress: bool = True) -> None:
         elif stage == "weights":
             model = make_model(spec)
         else:
-            model.save_pretrained(out, safe_serialization=True)
+            save_weights(model, out, progress)
             save_generation_config(out)
+
+
+def save_weights(model, out: Path, progress: bool) -> None:
+    from transformers.utils import logging as hf_logging
+
+    # save_pretrained draws its own shard bar; keep a quiet build quiet (restored after).
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(out, safe_serialization=True)
+    finally:
+        if was_enabled and not progress:
+            hf_logging.enable_progress_bar()
 
 
 def corpus_files() -> list[Path]:
