@@ -61,6 +61,7 @@ async def _api_error(request: Request, exc: APIError) -> JSONResponse:
 
 @app.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    rt_metrics("unknown").error(400)  # the body never parsed, so its model is unknown too
     return error_response(validation_error_to_api(list(exc.errors())))
 
 

@@ -214,14 +214,15 @@ class LLMServer:
             await agen.aclose()
 
     # -- stats for Serve ----------------------------------------------------------------------
-    def record_routing_stats(self) -> dict[str, Any]:
+    # async so Serve runs them on the replica's event loop, never in a thread beside generate().
+    async def record_routing_stats(self) -> dict[str, Any]:
         stats = self.engine.stats()
         if self._tracker is None:
             return {"num_waiting": stats.num_waiting, "num_running": stats.num_running}
         self._tracker.apply_events(self.engine.pop_block_events())
         return self._tracker.routing_stats(stats)
 
-    def record_autoscaling_stats(self) -> dict[str, int | float]:
+    async def record_autoscaling_stats(self) -> dict[str, int | float]:
         s = self.engine.stats()
         return {
             "queue_depth": s.num_waiting + s.num_running,
@@ -232,7 +233,7 @@ class LLMServer:
             **self.ttft.summary(),
         }
 
-    def engine_stats(self) -> dict[str, Any]:
+    async def engine_stats(self) -> dict[str, Any]:
         """For tests and `fleetlm status`: this replica's engine counters."""
         s = self.engine.stats()
         return {
@@ -242,7 +243,7 @@ class LLMServer:
             **s.__dict__,
         }
 
-    def model_info(self) -> dict[str, Any]:
+    async def model_info(self) -> dict[str, Any]:
         return {
             "model": self.model_name,
             "max_model_len": self.engine.max_model_len,

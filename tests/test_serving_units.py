@@ -242,10 +242,10 @@ def test_queue_full_is_429_and_close_frees_blocks(server):
 
 def test_autoscaling_and_routing_stats(server):
     asyncio.run(_collect(server, _req("s1", max_tokens=4)))
-    a = server.record_autoscaling_stats()
+    a = asyncio.run(server.record_autoscaling_stats())
     assert a["queue_depth"] == 0 and a["ttft_samples"] >= 1 and a["ttft_max_s"] > 0
     assert all(isinstance(v, int | float) for v in a.values())
-    r = server.record_routing_stats()
+    r = asyncio.run(server.record_routing_stats())
     assert r["num_running"] == 0 and "num_free_blocks" in r
 
 
