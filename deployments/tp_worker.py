@@ -24,13 +24,13 @@ logger = logging.getLogger("ray.serve")
 WORKER_NAME_PREFIX = "fleetlm-tp-"  # named actors, so operators (and tests) can find them
 
 
-@ray.remote(max_restarts=0, max_concurrency=2)  # run() blocks for the shard's life; ping() answers
+@ray.remote(max_restarts=0, max_concurrency=2)  # run() blocks for the shard's life
 class TPWorker:
     def run(self, init: TPInit, rank: int) -> None:
         run_worker(init, rank)
 
-    def ping(self) -> str:
-        return "ok"
+    def placement_group_id(self) -> str | None:
+        return ray.get_runtime_context().get_placement_group_id()
 
 
 class RayWorkers:
