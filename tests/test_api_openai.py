@@ -68,7 +68,8 @@ def api(ray_session):
     cfg = ClusterConfig.model_validate(
         {
             "models": models,
-            "router": {"policy": "prefix_aware", "stats_period_s": 0.5},
+            # imbalance 2: a replica 3+ requests busier than the other loses its affinity.
+            "router": {"policy": "prefix_aware", "stats_period_s": 0.5, "imbalance": 2},
             "api_keys": [{"sha256": hashlib.sha256(KEY.encode()).hexdigest()}],
         }
     )
@@ -319,6 +320,40 @@ def test_shared_prefix_lands_on_one_replica(client):
     # The prefix is cached there: later requests report cached prompt tokens.
     r = client.completions.create(model=MODEL, prompt=prefix + [7, 8], max_tokens=1)
     assert r.usage.prompt_tokens_details.cached_tokens >= 80
+
+
+def test_overloaded_replica_is_skipped_despite_affinity(api, client):
+    pytest.importorskip("deployments.request_router")
+    prefix = list(range(600, 664))  # 4 full blocks, cached on one replica by the first request
+    warm = client.completions.with_raw_response.create(
+        model=MODEL, prompt=prefix + [1], max_tokens=1
+    )
+    home = warm.headers["x-fleetlm-replica"]
+
+    async def main():
+        async with httpx.AsyncClient(timeout=60) as http:
+
+            async def one(i):
+                body = {
+                    "model": MODEL,
+                    "prompt": prefix + [2 + i],
+                    "max_tokens": 150,
+                    "ignore_eos": True,
+                    "stream": True,
+                }
+                async with http.stream(
+                    "POST", api + "/v1/completions", json=body, headers=_auth()
+                ) as r:
+                    replica = r.headers["x-fleetlm-replica"]
+                    async for _ in r.aiter_lines():
+                        pass
+                    return replica
+
+            return await asyncio.gather(*(one(i) for i in range(6)))
+
+    replicas = asyncio.run(main())
+    assert replicas.count(home) >= 2  # affinity while the load allows it
+    assert len(set(replicas)) == 2  # then the busy replica is skipped
 
 
 def test_disconnect_mid_stream_frees_blocks(api):
