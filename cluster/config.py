@@ -157,6 +157,22 @@ class ModelConfig(_Strict):
             self.num_replicas = 1
         return self
 
+    @model_validator(mode="after")
+    def _tensor_parallel(self) -> ModelConfig:
+        tp = self.tensor_parallel_size
+        if tp == 1:
+            return self
+        gpus = self.resources_per_replica.num_gpus
+        if gpus and gpus % tp:
+            raise ValueError(
+                f"resources_per_replica.num_gpus={gpus} must be a multiple of "
+                f"tensor_parallel_size={tp} (one GPU per shard)"
+            )
+        from engine.tensor_parallel import check_model_layout  # heads/MLP split over the shards
+
+        check_model_layout(self.model, tp)
+        return self
+
     def engine_config(self) -> EngineConfig:
         """The EngineConfig one replica builds (model path as written; resolved on the replica)."""
         return EngineConfig.from_dict(

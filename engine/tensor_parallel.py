@@ -246,3 +246,29 @@ def shard_model(model: nn.Module, split: HeadSplit, group: TPGroup) -> None:
             d.bias.detach() if d.bias is not None else None,
             group,
         )
+
+
+def check_model_layout(model: str, tp_size: int) -> None:
+    """Config-time check (no weights loaded): ValueError when ``model`` cannot split over
+    ``tp_size`` shards. A folder that is not on this machine is checked when a replica loads it."""
+    import os
+    from types import SimpleNamespace
+
+    from engine.demo_model import DEMO_SPECS
+
+    if tp_size == 1:
+        return
+    if model in DEMO_SPECS:
+        s = DEMO_SPECS[model]
+        cfg = SimpleNamespace(
+            num_attention_heads=s.num_attention_heads,
+            num_key_value_heads=s.num_key_value_heads,
+            intermediate_size=s.intermediate_size,
+        )
+    elif os.path.isfile(os.path.join(model, "config.json")):
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(model)
+    else:
+        return
+    plan_heads(cfg, tp_size)

@@ -226,3 +226,31 @@ def test_killed_worker_fails_streams_and_health_promptly():
             engine.check_health()
     finally:
         engine.shutdown()
+
+
+# -- the cluster YAML refuses impossible layouts -------------------------------------------------
+@pytest.mark.parametrize(
+    "entry,needle",
+    [
+        ({"model": "demo", "tensor_parallel_size": 3}, "num_attention_heads=8"),
+        ({"model": "demo-small", "tensor_parallel_size": 8}, "num_attention_heads=4"),
+        (
+            {"tensor_parallel_size": 2, "resources_per_replica": {"num_gpus": 3}},
+            "num_gpus=3.0 must be a multiple of tensor_parallel_size=2",
+        ),
+    ],
+)
+def test_cluster_config_refuses_impossible_tp_layouts(entry, needle):
+    from cluster.config import ConfigError, parse_cluster_config
+
+    yaml_text = "models:\n- " + "\n  ".join(f"{k}: {v}" for k, v in {"name": "m", **entry}.items())
+    with pytest.raises(ConfigError, match="tensor_parallel_size") as e:
+        parse_cluster_config(yaml_text.replace("'", '"'), "c.yaml")
+    assert needle in str(e.value) and "c.yaml:" in str(e.value)
+
+
+def test_cluster_config_accepts_replicated_kv_heads():
+    from cluster.config import parse_cluster_config
+
+    cfg = parse_cluster_config("models:\n- name: m\n  model: demo-small\n  tensor_parallel_size: 4")
+    assert cfg.models[0].engine_config().tensor_parallel_size == 4
