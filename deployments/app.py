@@ -21,7 +21,7 @@ from deployments.llm_server import LLMServer
 
 INGRESS_NAME = "OpenAIIngress"
 ROUTER_CLASS = "deployments.request_router:PrefixAwareRouter"
-AUTOSCALING_POLICY = "deployments.autoscaling_policy:fleetlm_policy"
+AUTOSCALING_MODULE = "deployments.autoscaling_policy"
 # Ongoing streams one ingress replica holds; each costs a coroutine, not a thread.
 INGRESS_MAX_ONGOING = 2048
 # Replica drain on scale-down / redeploy: stop taking requests, then let running generations finish.
@@ -43,6 +43,13 @@ def _module_has(path: str) -> bool:
         return False
     mod = importlib.import_module(module)
     return hasattr(mod, attr)
+
+
+def _autoscaling_module() -> Any:
+    """deployments.autoscaling_policy when present (queue-depth policy, live-editable)."""
+    if not _module_has(AUTOSCALING_MODULE + ":serve_autoscaling_config"):
+        return None
+    return importlib.import_module(AUTOSCALING_MODULE)
 
 
 def router_config(cfg: ClusterConfig, mc: ModelConfig) -> RequestRouterConfig | None:
@@ -92,18 +99,24 @@ def server_options(cfg: ClusterConfig, mc: ModelConfig) -> dict[str, Any]:
         }
     else:
         opts["ray_actor_options"] = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus}
+    policy = _autoscaling_module()
+    if policy is not None:
+        # The autoscaling module owns the drain settings its scale-down relies on.
+        opts.update(policy.GRACEFUL_SHUTDOWN_OPTIONS)
     if mc.autoscaling is None:
         opts["num_replicas"] = mc.num_replicas
     else:
         a = mc.autoscaling
-        auto: dict[str, Any] = {
-            "min_replicas": a.min_replicas,
-            "max_replicas": a.max_replicas,
-            "initial_replicas": mc.initial_replicas(),
-        }
-        if _module_has(AUTOSCALING_POLICY):
-            auto["policy"] = {"policy_function": AUTOSCALING_POLICY}
-        opts["autoscaling_config"] = auto
+        if policy is not None:
+            opts["autoscaling_config"] = policy.serve_autoscaling_config(
+                mc.name, a.min_replicas, a.max_replicas, mc.initial_replicas()
+            )
+        else:  # Serve's default policy on ongoing requests
+            opts["autoscaling_config"] = {
+                "min_replicas": a.min_replicas,
+                "max_replicas": a.max_replicas,
+                "initial_replicas": mc.initial_replicas(),
+            }
     rc = router_config(cfg, mc)
     if rc is not None:
         opts["request_router_config"] = rc
@@ -113,7 +126,12 @@ def server_options(cfg: ClusterConfig, mc: ModelConfig) -> dict[str, Any]:
 def build_app(cfg: ClusterConfig) -> serve.Application:
     servers = {}
     for mc in cfg.models:
-        dep = serve.deployment(LLMServer).options(**server_options(cfg, mc))
+        opts = server_options(cfg, mc)
+        if mc.tensor_parallel_size > 1:  # more shards than the cluster can place: refuse now
+            from deployments.tp_worker import check_placeable
+
+            check_placeable(mc.name, opts)
+        dep = serve.deployment(LLMServer).options(**opts)
         servers[mc.name] = dep.bind(mc.model_dump(mode="json"))
     ingress = serve.deployment(OpenAIIngress).options(
         name=INGRESS_NAME,
