@@ -11,7 +11,9 @@ call finishes), and the engine's next collective fails the requests in flight.
 from __future__ import annotations
 
 import logging
+import os
 import uuid
+from typing import Any
 
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -94,3 +96,49 @@ def launch_workers(init: TPInit) -> RayWorkers:
 def tp_async_engine(config: EngineConfig) -> TPAsyncEngine:
     """The replica's engine when ``tensor_parallel_size > 1``: shard 0 here, the rest as actors."""
     return TPAsyncEngine(config, launch_workers, master_addr=ray.util.get_node_ip_address())
+
+
+# -- can the cluster place one replica at all? ----------------------------------------------
+def placement_problem(
+    bundles: list[dict[str, float]], strategy: str, nodes: list[dict[str, float]]
+) -> str | None:
+    """Why one replica's bundles can never be placed on nodes of these total resources (None:
+    they can). STRICT_PACK needs every bundle on one node; PACK and SPREAD (both soft) need each
+    bundle on some node, first-fit by size."""
+    need_keys = sorted({k for b in bundles for k, v in b.items() if v > 0})
+
+    def fits(cap: dict[str, float], b: dict[str, float]) -> bool:
+        return all(cap.get(k, 0.0) + 1e-9 >= v for k, v in b.items() if v > 0)
+
+    total = {k: sum(b.get(k, 0.0) for b in bundles) for k in need_keys}
+    if strategy == "STRICT_PACK":
+        if any(fits(n, total) for n in nodes):
+            return None
+        best = {k: max((n.get(k, 0.0) for n in nodes), default=0.0) for k in need_keys}
+        return f"STRICT_PACK needs {total} on one node; the largest node has {best}"
+    free = [dict(n) for n in nodes]
+    for b in sorted(bundles, key=lambda b: -sum(b.values())):
+        node = next((n for n in free if fits(n, b)), None)
+        if node is None:
+            have = {k: sum(n.get(k, 0.0) for n in nodes) for k in need_keys}
+            return f"{len(bundles)} bundles need {total} in all; the cluster has {have}"
+        for k, v in b.items():
+            node[k] = node.get(k, 0.0) - v
+    return None
+
+
+def check_placeable(model_name: str, options: dict[str, Any]) -> None:
+    """ValueError when a replica of this deployment could never be placed on the running cluster.
+
+    Skipped outside a Ray driver and on KubeRay (``KUBERAY_GEN_RAY_START_CMD`` is set in its pods),
+    where the autoscaler adds GPU nodes only after the placement group asks for them."""
+    bundles = options.get("placement_group_bundles")
+    if not bundles or not ray.is_initialized() or os.environ.get("KUBERAY_GEN_RAY_START_CMD"):
+        return
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    problem = placement_problem(bundles, options.get("placement_group_strategy", "PACK"), nodes)
+    if problem is not None:
+        raise ValueError(
+            f"model {model_name!r}: tensor_parallel_size={len(bundles)} cannot be placed on this "
+            f"cluster: {problem}; lower tensor_parallel_size or resources_per_replica"
+        )

@@ -254,3 +254,22 @@ def test_cluster_config_accepts_replicated_kv_heads():
 
     cfg = parse_cluster_config("models:\n- name: m\n  model: demo-small\n  tensor_parallel_size: 4")
     assert cfg.models[0].engine_config().tensor_parallel_size == 4
+
+
+# -- placement: more shards than the cluster can place ---------------------------------------------
+@pytest.mark.parametrize(
+    "bundles,strategy,nodes,ok",
+    [
+        ([{"CPU": 1}] * 2, "PACK", [{"CPU": 2}], True),
+        ([{"CPU": 1}] * 2, "PACK", [{"CPU": 1}, {"CPU": 1}], True),  # PACK is soft: spans nodes
+        ([{"CPU": 1}] * 2, "STRICT_PACK", [{"CPU": 1}, {"CPU": 1}], False),
+        ([{"CPU": 1, "GPU": 1}] * 4, "PACK", [{"CPU": 8, "GPU": 2}], False),
+        ([{"CPU": 1, "GPU": 1}] * 4, "SPREAD", [{"CPU": 8, "GPU": 2}] * 2, True),
+        ([{"CPU": 3}], "PACK", [{"CPU": 2}, {"CPU": 2}], False),
+    ],
+)
+def test_placement_problem(bundles, strategy, nodes, ok):
+    from deployments.tp_worker import placement_problem
+
+    problem = placement_problem(bundles, strategy, nodes)
+    assert (problem is None) == ok, problem

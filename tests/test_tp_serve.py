@@ -153,3 +153,19 @@ def test_killed_worker_fails_request_cleanly_and_replica_comes_back(client, api)
             time.sleep(2)
     assert c.choices[0].text == _expected_text(8)
     assert set(_workers()) and old_name not in _workers()
+
+
+def test_build_app_refuses_more_shards_than_the_cluster_can_place(ray_session):
+    from cluster.config import ClusterConfig
+    from deployments.app import build_app
+
+    big = {"name": "big", "model": "demo-small", "tensor_parallel_size": 4}
+    too_many = ClusterConfig.model_validate(
+        {"models": [{**big, "resources_per_replica": {"num_cpus": 64}}]}
+    )
+    with pytest.raises(ValueError, match="tensor_parallel_size=4 cannot be placed"):
+        build_app(too_many)
+    strict = ClusterConfig.model_validate(
+        {"models": [{**big, "placement_strategy": "STRICT_PACK"}]}
+    )
+    build_app(strict)  # 4 bundles of 0.25 CPU fit the one local node
