@@ -4,11 +4,13 @@ Two sources feed it:
 - the replica's own view: a full snapshot of its prefix cache (``replace``, from the routing stats
   the replica reports, tagged with a version so an unchanged snapshot costs nothing) or the engine's
   ``BlockEvent`` stream (``apply_events``, used replica-side by ``ReplicaCacheTracker``);
-- this router's own recent decisions (``assume``): blocks of prompts just sent to the replica are
-  counted as cached for ``assumed_ttl_s`` seconds, so affinity holds between stats refreshes. A new
-  snapshot that contains an assumed hash confirms it (the assumption is dropped; the snapshot now
-  speaks for it); one that lacks it leaves the assumption alive until its TTL runs out (the prompt
-  may still be waiting for prefill).
+- this router's own recent decisions (``assume``): blocks of prompts sent to the replica count as
+  present for ``assumed_ttl_s`` seconds after the last prompt holding them was sent there, whatever
+  the reports say. Before the replica reports them, this keeps affinity between stats refreshes;
+  after the replica reports them evicted, it keeps sending the prefix where it sent it before (the
+  replica recomputes and re-caches it) instead of re-placing it as cold. Under cache pressure that
+  keeps the prefix -> replica partition stable: with re-placement, prefixes wander and both replicas
+  end up caching the same ones (SGLang's cache-aware router keeps only such a history).
 
 Block hashes are chained (engine/block_hash.py): hash i covers tokens [0, (i+1) * block_size), so
 "the first k hashes are present" is exactly "the first k blocks of the prompt are cached".
@@ -44,11 +46,9 @@ class PrefixIndex:
         """Install a full snapshot of the replica's cache (reported as ``version``)."""
         self._cached = set(hashes)
         self.version = version
-        if self._assumed:
+        if self._assumed:  # drop expired assumptions here, so the dict stays bounded
             now = self._clock()
-            self._assumed = {
-                h: exp for h, exp in self._assumed.items() if exp > now and h not in self._cached
-            }
+            self._assumed = {h: exp for h, exp in self._assumed.items() if exp > now}
 
     def apply_events(self, events: Iterable[BlockEvent]) -> bool:
         """Apply engine block events in order; True if the cached set changed."""
@@ -72,11 +72,12 @@ class PrefixIndex:
     # --- this router's decisions --------------------------------------------------------------
 
     def assume(self, hashes: Iterable[int]) -> None:
-        """Count ``hashes`` as cached for ``assumed_ttl_s`` (a prompt with them was just sent)."""
+        """Count ``hashes`` as present for ``assumed_ttl_s`` (a prompt with them was just sent)."""
+        if self.assumed_ttl_s <= 0:
+            return
         expiry = self._clock() + self.assumed_ttl_s
         for h in hashes:
-            if h not in self._cached:
-                self._assumed[h] = expiry
+            self._assumed[h] = expiry
 
     # --- queries ------------------------------------------------------------------------------
 

@@ -75,20 +75,28 @@ def test_events_store_remove_clear():
         idx.apply_events([BlockEvent("evicted", [1])])
 
 
-def test_assumed_hashes_expire_and_snapshot_confirms():
+def test_assumed_hashes_outlive_reports_until_ttl():
     clock = Clock()
     h = block_hashes(list(range(12)), BS)
     idx = PrefixIndex(assumed_ttl_s=10, clock=clock)
-    idx.assume(h)
+    idx.assume(h)  # sent at t=100: assumed until t=110
     assert idx.longest_prefix(h) == 3
     clock.t += 5
-    idx.replace([h[0]], version=1)  # confirms h[0]; h[1], h[2] still assumed (young)
-    assert idx.num_assumed() == 2
+    idx.replace([h[0]], version=1)  # the report confirms one block; the history keeps all three
+    assert idx.num_assumed() == 3 and idx.longest_prefix(h) == 3
+    idx.replace([], version=2)  # reported evicted: still routed here until the TTL runs out
     assert idx.longest_prefix(h) == 3
-    clock.t += 6  # assumptions made at t=100 expire at t=110
+    idx.assume(h[:1])  # t=105: h[0] sent again, now assumed until t=115
+    clock.t += 6
     assert idx.longest_prefix(h) == 1
-    idx.replace([], version=2)  # the confirmed hash is evicted: nothing assumed keeps it
-    assert idx.longest_prefix(h) == 0
+    idx.replace([h[0], h[1]], version=3)
+    assert idx.longest_prefix(h) == 2 and idx.num_assumed() == 1
+    clock.t += 5
+    idx.replace([], version=4)
+    assert idx.longest_prefix(h) == 0 and idx.num_assumed() == 0
+    no_history = PrefixIndex(assumed_ttl_s=0, clock=clock)
+    no_history.assume(h)
+    assert no_history.longest_prefix(h) == 0
 
 
 # --- replica stats -------------------------------------------------------------------------------
