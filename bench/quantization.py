@@ -7,7 +7,8 @@ Figures, same process, same prompts (W1: 32 x 128 random prompt tokens, 64 greed
 - greedy agreement: free-running (position-wise equal tokens over the 64 generated), mean position
   of the first divergence, and teacher-forced (next-token argmax of both along fp32's trajectory);
 - the same for W8A8 (int8 weights and dynamically quantized activations, `dynamic_activations`);
-- W1 output tok/s through fleetlm's own LLMEngine for fp32, int8 and W8A8 (skip: --no-engine);
+- W1 output tok/s through fleetlm's own LLMEngine for fp32, int8 and W8A8.
+--parts picks among agreement, hf (the bare-forward speed runs) and engine; all by default.
 - a control: fp32 with Gaussian weight noise of the same RMS as int8's rounding error on each
   quantized matrix. If int8's agreement matches the control's, the quantizer is doing what its error
   budget allows and the rest is the model's sensitivity (random-weight models are far more sensitive
@@ -166,7 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    ap.add_argument("--no-engine", action="store_true", help="skip the LLMEngine W1 runs")
+    ap.add_argument(
+        "--parts", default="agreement,hf,engine", help="comma list of agreement, hf, engine"
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -195,13 +198,15 @@ def main(argv: list[str] | None = None) -> int:
         f"int8 {res['weight_bytes']['int8'] / 2**20:.1f} MiB",
         flush=True,
     )
-    res["agreement_int8"] = agreement(fp, q, prompts, args.new_tokens)
-    print("int8 agreement", res["agreement_int8"], flush=True)
-    res["agreement_noise_control"] = agreement(fp, noisy_control(fp, q), prompts, args.new_tokens)
-    print("noise-control agreement", res["agreement_noise_control"], flush=True)
-    res["agreement_w8a8"] = agreement(fp, w8a8, prompts, args.new_tokens)
-    print("w8a8 agreement", res["agreement_w8a8"], flush=True)
-    for name, batch in (("batch", prompts), ("batch1", prompts[:1])):
+    parts = set(args.parts.split(","))
+    if unknown := parts - {"agreement", "hf", "engine"}:
+        raise SystemExit(f"--parts: unknown part(s) {sorted(unknown)}")
+    if "agreement" in parts:
+        controls = (("int8", q), ("noise_control", noisy_control(fp, q)), ("w8a8", w8a8))
+        for label, model in controls:
+            res[f"agreement_{label}"] = agreement(fp, model, prompts, args.new_tokens)
+            print(f"{label} agreement", res[f"agreement_{label}"], flush=True)
+    for name, batch in (("batch", prompts), ("batch1", prompts[:1])) if "hf" in parts else ():
         models = {"fp32": fp, "int8": q, "w8a8": w8a8}
         r = res[name] = decode_rates(models, batch, args.new_tokens, args.repeats)
         base = r["fp32"]["decode_tok_s_median"]
@@ -212,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             prefill = r[label]["prefill_s_median"]
             line.append(f"{label} {rate:.0f} tok/s (x{rate / base:.2f}, prefill {prefill:.2f} s)")
         print(", ".join(line), flush=True)
-    if not args.no_engine:
+    if "engine" in parts:
         res["engine_w1"] = engine_w1(path, prompts.tolist(), args.new_tokens, args.repeats)
         for label, r in res["engine_w1"].items():
             print(
