@@ -96,6 +96,11 @@ class ModelRunner:
             self.dtype,
             self.device,
         )
+        self.decode_kernel = None
+        if self.device.type == "cpu" and self.dtype == torch.float32:
+            from engine.cpu_kernels import paged_decode_kernel
+
+            self.decode_kernel = paged_decode_kernel()
         logger.info(
             "loaded %s (%s, %s): %d KV blocks of %d tokens (%.1f MiB)",
             model_path,
@@ -145,11 +150,11 @@ class ModelRunner:
                 sample_rows.extend(range(row - 1 - k, row))
 
         dev = self.device
-        d_rows = d_slots = d_mask = None
+        d_rows = d_slots = d_mask = d_lens = None
         if decode_rows:
             lmax = max(len(c) for c in decode_ctx)
             pad = np.zeros((len(decode_ctx), lmax), dtype=np.int64)
-            lens = np.array([len(c) for c in decode_ctx])
+            lens = np.array([len(c) for c in decode_ctx], dtype=np.int64)
             for j, c in enumerate(decode_ctx):
                 pad[j, : len(c)] = c
             d_slots = torch.from_numpy(pad).to(dev)
@@ -159,13 +164,16 @@ class ModelRunner:
                 .to(dev)
             )
             d_rows = torch.tensor(decode_rows, dtype=torch.long, device=dev)
+            d_lens = torch.from_numpy(lens).to(dev)
         meta = AttentionMetadata(
             slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev),
             decode_rows=d_rows,
             decode_slots=d_slots,
             decode_mask=d_mask,
+            decode_lens=d_lens,
             prefills=prefills,
             kv_cache=self.kv_cache,
+            decode_kernel=self.decode_kernel,
         )
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev).unsqueeze(0)
         position_ids = torch.from_numpy(np.concatenate(positions)).to(dev).unsqueeze(0)

@@ -39,8 +39,10 @@ class AttentionMetadata:
     decode_rows: torch.Tensor | None  # [B] rows of decode tokens in the flattened step
     decode_slots: torch.Tensor | None  # [B, Lmax] context slots per decode row (padded with slot 0)
     decode_mask: torch.Tensor | None  # [B, 1, 1, Lmax] bool, True = attend
+    decode_lens: torch.Tensor | None  # [B] context length per decode row
     prefills: list[PrefillChunk]
     kv_cache: KVCache
+    decode_kernel: object | None = None  # compiled CPU kernel (engine/cpu_kernels.py) or None
 
 
 class KVCache:
@@ -95,9 +97,15 @@ def paged_attention(
     if meta.decode_rows is not None:
         b = meta.decode_rows.numel()
         q = q_all.index_select(0, meta.decode_rows).view(b, num_kv_heads, group, head_dim)
-        k = k_cache[meta.decode_slots].transpose(1, 2)  # [B, Hkv, Lmax, D]
-        v = v_cache[meta.decode_slots].transpose(1, 2)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=meta.decode_mask, scale=scaling)
+        if meta.decode_kernel is not None:  # reads K/V in place: no gathered copy
+            scale = scaling if scaling is not None else head_dim**-0.5
+            o = meta.decode_kernel.paged_decode(
+                q, k_cache, v_cache, meta.decode_slots, meta.decode_lens, scale
+            )
+        else:
+            k = k_cache[meta.decode_slots].transpose(1, 2)  # [B, Hkv, Lmax, D]
+            v = v_cache[meta.decode_slots].transpose(1, 2)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=meta.decode_mask, scale=scaling)
         out.index_copy_(0, meta.decode_rows, o.reshape(b, num_heads, head_dim))
 
     for c in meta.prefills:

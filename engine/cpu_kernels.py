@@ -1,0 +1,42 @@
+"""Optional CPU kernels, compiled once on first use with torch's C++ extension builder (cached under
+``~/.cache/torch_extensions``). When no compiler is present, or ``FLEETLM_CPU_KERNELS=0``, the engine
+uses the pure-torch attention path, which gives the same results."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+_lock = threading.Lock()
+_module = None
+_failed = False
+
+
+def paged_decode_kernel():
+    """The compiled module (with ``paged_decode``) or None."""
+    global _module, _failed
+    if _module is not None or _failed:
+        return _module
+    if os.environ.get("FLEETLM_CPU_KERNELS", "1") == "0":
+        _failed = True
+        return None
+    with _lock:
+        if _module is None and not _failed:
+            try:
+                from torch.utils.cpp_extension import load
+
+                src = Path(__file__).parent / "csrc" / "paged_decode.cpp"
+                _module = load(
+                    name="fleetlm_paged_decode",
+                    sources=[str(src)],
+                    extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                    extra_ldflags=["-fopenmp"],
+                    verbose=False,
+                )
+            except Exception as e:  # no compiler, no ninja, ...: fall back, say why once
+                logger.warning("CPU paged-decode kernel unavailable (%s); using torch ops", e)
+                _failed = True
+    return _module
