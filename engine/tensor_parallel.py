@@ -108,7 +108,15 @@ class TPGroup:
             self.tensor = dist.ProcessGroupNCCL(tstore, rank, size, opts)
         else:
             self.tensor = dist.ProcessGroupGloo(tstore, rank, size, timeout)
-        self.comm_s = 0.0
+        self.allreduce_s = (
+            0.0  # time in tensor all-reduces (includes waiting for the slowest shard)
+        )
+        self.broadcast_s = 0.0  # time in per-step control broadcasts
+        self.num_allreduces = 0
+
+    @property
+    def comm_s(self) -> float:
+        return self.allreduce_s + self.broadcast_s
 
     @classmethod
     def join(
@@ -134,7 +142,8 @@ class TPGroup:
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter()
         self.tensor.allreduce([t]).wait()
-        self.comm_s += time.perf_counter() - t0
+        self.allreduce_s += time.perf_counter() - t0
+        self.num_allreduces += 1
         return t
 
     def broadcast_object(self, obj: object = None) -> object:
@@ -149,7 +158,7 @@ class TPGroup:
         if self.rank != 0:
             data = torch.empty(int(size.item()), dtype=torch.uint8)
         self.ctrl.broadcast([data], dist.BroadcastOptions()).wait()
-        self.comm_s += time.perf_counter() - t0
+        self.broadcast_s += time.perf_counter() - t0
         return obj if self.rank == 0 else pickle.loads(data.numpy().tobytes())
 
     def all_gather_int(self, value: int) -> list[int]:
