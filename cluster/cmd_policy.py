@@ -84,24 +84,27 @@ def _load(path: str):
 
 
 def _connect(address: str | None) -> None:
-    """Join the running cluster as a driver: --address, $RAY_ADDRESS, or `fleetlm up`'s record."""
+    """Join the running cluster as a driver: --address or $RAY_ADDRESS (auth mode from the
+    environment), else the cluster `fleetlm up` recorded (its address and auth mode)."""
     import ray
 
     if ray.is_initialized():
         return
+    from cluster import ray_runtime
     from cluster.state import load_state
 
-    st = load_state()
-    if st is not None:
-        os.environ.setdefault("RAY_AUTH_MODE", st.auth_mode)
-        if st.ray_tmpdir:
-            os.environ.setdefault("RAY_TMPDIR", st.ray_tmpdir)
-    addr = address or os.environ.get("RAY_ADDRESS") or (st.ray_address if st else None) or "auto"
+    addr = address or os.environ.get("RAY_ADDRESS")
+    if addr:
+        auth = ray_runtime.auth_mode_for_join()
+    else:
+        st = load_state()
+        if st is None:
+            raise CLIError("no fleetlm cluster is running here: `fleetlm up`, or pass --address")
+        addr, auth = st.ray_address, st.auth_mode
     try:
-        ray.init(address=addr, log_to_driver=False, logging_level="ERROR")
+        ray_runtime.connect(addr, auth)
     except (ConnectionError, RuntimeError, ValueError) as e:
-        msg = f"can't reach the Ray cluster at {addr}: {e} (is `fleetlm up` running?)"
-        raise CLIError(msg) from None
+        raise CLIError(f"{e} (is `fleetlm up` running?)") from None
 
 
 def cmd_show(args: argparse.Namespace) -> int:
