@@ -8,7 +8,8 @@ Algorithm (one call per control-loop tick; `current` = the replica count decided
    Serve's queue meanwhile.
 3. To zero: scale_to_zero_after_s is set and load has been 0 for that long -> 0.
 4. desired = ceil(load / target_queue_depth); with a TTFT SLO that the worst replica's recent TTFT
-   exceeds, desired >= current + 1. Clamp to [min_replicas, max_replicas].
+   exceeds while requests are in flight, desired >= current + 1 and no scale-down. Clamp to
+   [min_replicas, max_replicas].
 5. Stabilization (as the Kubernetes HPA does): desired values are kept per tick. A scale-up goes to
    the *lowest* desired value seen during the last scale_up_window_s, a scale-down to the *highest*
    one seen during the last scale_down_window_s; a window counts only once the history covers it,
@@ -184,7 +185,10 @@ def decide(snapshot: Snapshot, params: Params, state: State) -> tuple[int, str, 
     raw = math.ceil(load / p.target_queue_depth)
     why = f"load {_fmt(load)} / target {_fmt(p.target_queue_depth)} per replica wants {raw}"
     ttft = snapshot.worst_ttft_s
-    slo_violated = p.ttft_slo_s is not None and ttft is not None and ttft > p.ttft_slo_s
+    # TTFT samples outlive the requests they timed; with nothing in flight more replicas can't help.
+    slo_violated = (
+        p.ttft_slo_s is not None and ttft is not None and ttft > p.ttft_slo_s and load > 0
+    )
     if slo_violated:
         why += f"; TTFT {ttft:.2f}s > SLO {p.ttft_slo_s:.2f}s wants {cur + 1}"
         raw = max(raw, cur + 1)

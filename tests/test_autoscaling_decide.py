@@ -281,3 +281,18 @@ def test_long_window_at_controller_tick_rate():
             first_down = t
     assert cur == 1 and first_down == pytest.approx(300.0)
     assert len(state.history) <= 2
+
+
+def test_stale_ttft_with_nothing_in_flight_does_not_hold_scale_down():
+    p = Params(
+        target_queue_depth=4,
+        max_replicas=4,
+        ttft_slo_s=1.0,
+        scale_down_window_s=0,
+        scale_down_cooldown_s=0,
+    )
+    [(_, n, why)] = run(p, [(0.0, 0, [(0, 0, 2.5), (0, 0, 3.0)])], start=2)
+    assert (n, why) == (
+        1,
+        "scale down 2->1: load 0.0 / target 4.0 per replica wants 0 (bounded to 1 by [1, 4])",
+    )
