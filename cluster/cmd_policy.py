@@ -179,7 +179,8 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from autoscaling.simulate import SimConfig, format_rows, load_trace, plot, simulate, w4_trace
+    from autoscaling.sim_report import format_rows, plot
+    from autoscaling.simulate import SimConfig, load_trace, simulate, w4_trace
 
     policy = _load(args.file)
     params = policy.params_for(args.model)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from autoscaling.decide import Params
-from autoscaling.simulate import Arrival, SimConfig, load_trace, plot, simulate, w4_trace
+from autoscaling.sim_report import plot
+from autoscaling.simulate import Arrival, SimConfig, load_trace, simulate, w4_trace
 
 FIXED1 = Params(min_replicas=1, max_replicas=1)
 
