@@ -273,3 +273,42 @@ def test_placement_problem(bundles, strategy, nodes, ok):
 
     problem = placement_problem(bundles, strategy, nodes)
     assert (problem is None) == ok, problem
+
+
+def test_hung_peer_times_out_instead_of_hanging():
+    # Shard 1 joins but never takes part in the all-reduce: shard 0 must raise, not wait forever.
+    store, port = open_store(2)
+    joined = threading.Event()
+    release = threading.Event()
+
+    def idle_shard() -> None:
+        peer = TPGroup.join("127.0.0.1", port, 1, 2, torch.device("cpu"), timeout_s=1)
+        joined.set()
+        release.wait(30)  # alive and connected, but silent
+        del peer
+
+    t = threading.Thread(target=idle_shard, daemon=True)
+    t.start()
+    group = TPGroup(store, 0, 2, torch.device("cpu"), timeout_s=1)
+    assert joined.wait(30)
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="(?i)timed out|timeout"):
+        group.all_reduce(torch.ones(4))
+    assert 0.9 < time.monotonic() - t0 < 15
+    release.set()
+
+
+def test_tp2_speculative_ngram_equals_tp1():
+    # Draft tokens ride in the broadcast windows; verification reads shard 0's logits rows.
+    spec = {"method": "ngram", "num_tokens": 3}
+    prompt = [5, 6, 7, 8, 9] * 12 + [5, 6]  # repetitive: the n-gram proposer has drafts
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    cfg = {**ENGINE, "speculative": spec}
+    want = LLMEngine(EngineConfig(**cfg)).generate([prompt, prompt[:20]], params)
+    engine = make_llm_engine(EngineConfig(**cfg, tensor_parallel_size=2))
+    try:
+        got = engine.generate([prompt, prompt[:20]], params)
+        assert engine.stats().spec_draft_tokens > 0
+    finally:
+        engine.runner.shutdown()
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]
