@@ -19,11 +19,15 @@ Block hashes are chained (engine/block_hash.py): hash i covers tokens [0, (i+1) 
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 
 from engine.outputs import BlockEvent
 
-DEFAULT_ASSUMED_TTL_S = 30.0
+# A prefix's history outlives gaps between its requests of a minute or two; the entry cap bounds
+# memory (about 100 bytes each) whatever the request rate.
+DEFAULT_ASSUMED_TTL_S = 120.0
+DEFAULT_MAX_ASSUMED = 100_000
 
 
 class PrefixIndex:
@@ -31,13 +35,18 @@ class PrefixIndex:
         self,
         assumed_ttl_s: float = DEFAULT_ASSUMED_TTL_S,
         clock: Callable[[], float] = time.monotonic,
+        max_assumed: int = DEFAULT_MAX_ASSUMED,
     ) -> None:
         if not assumed_ttl_s >= 0:
             raise ValueError(f"assumed_ttl_s must be >= 0, got {assumed_ttl_s}")
+        if not isinstance(max_assumed, int) or max_assumed < 0:
+            raise ValueError(f"max_assumed must be an integer >= 0, got {max_assumed!r}")
         self.assumed_ttl_s = assumed_ttl_s
+        self.max_assumed = max_assumed
         self._clock = clock
         self._cached: set[int] = set()  # reported by the replica
-        self._assumed: dict[int, float] = {}  # hash -> expiry time (clock units)
+        # hash -> expiry time (clock units), least recently assumed first (evicted past max_assumed)
+        self._assumed: OrderedDict[int, float] = OrderedDict()
         self.version = -1  # version of the last snapshot applied; -1: none yet
 
     # --- the replica's view -------------------------------------------------------------------
@@ -48,7 +57,7 @@ class PrefixIndex:
         self.version = version
         if self._assumed:  # drop expired assumptions here, so the dict stays bounded
             now = self._clock()
-            self._assumed = {h: exp for h, exp in self._assumed.items() if exp > now}
+            self._assumed = OrderedDict((h, e) for h, e in self._assumed.items() if e > now)
 
     def apply_events(self, events: Iterable[BlockEvent]) -> bool:
         """Apply engine block events in order; True if the cached set changed."""
@@ -77,7 +86,10 @@ class PrefixIndex:
             return
         expiry = self._clock() + self.assumed_ttl_s
         for h in hashes:
+            self._assumed.pop(h, None)
             self._assumed[h] = expiry
+        while len(self._assumed) > self.max_assumed:
+            self._assumed.popitem(last=False)
 
     # --- queries ------------------------------------------------------------------------------
 

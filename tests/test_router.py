@@ -99,6 +99,19 @@ def test_assumed_hashes_outlive_reports_until_ttl():
     assert no_history.longest_prefix(h) == 0
 
 
+def test_assumed_history_is_capped_least_recent_first():
+    h = block_hashes(list(range(16)), BS)  # 4 blocks
+    idx = PrefixIndex(assumed_ttl_s=10, max_assumed=3)
+    idx.assume(h[:2])
+    idx.assume(h[:1])  # h[0] is now the most recent, h[1] the least
+    idx.assume(h[2:4])  # 4 entries > 3: h[1] goes
+    assert idx.num_assumed() == 3
+    assert idx.longest_prefix(h) == 1
+    assert h[2] in idx and h[3] in idx
+    with pytest.raises(ValueError, match="max_assumed"):
+        PrefixIndex(max_assumed=-1)
+
+
 # --- replica stats -------------------------------------------------------------------------------
 
 
