@@ -29,7 +29,13 @@ WORKER_NAME_PREFIX = "fleetlm-tp-"  # named actors, so operators (and tests) can
 @ray.remote(max_restarts=0, max_concurrency=2)  # run() blocks for the shard's life
 class TPWorker:
     def run(self, init: TPInit, rank: int) -> None:
-        run_worker(init, rank)
+        try:
+            run_worker(init, rank)
+        except BaseException:
+            # Leave no half-joined shard behind: exiting closes its sockets, so shard 0's pending
+            # collective fails at once, and this call's ref reports the actor's death.
+            logger.exception("tensor-parallel shard %d failed", rank)
+            os._exit(1)
 
     def placement_group_id(self) -> str | None:
         return ray.get_runtime_context().get_placement_group_id()
