@@ -7,7 +7,7 @@
 #     match(r) = largest k such that h[0..k) are all in r's index: the block hashes r last
 #                reported as cached, plus hashes this router assumed r stored because it sent r a
 #                prompt holding them less than assumed_ttl_s ago, even if r has since reported
-#                them evicted (router/prefix_index.py; default 120 s).
+#                them evicted (router/prefix_index.py; default 30 s).
 #     load(r)  = num_waiting + num_running from r's last routing stats + requests this router sent r
 #                since those stats that have not completed yet (router/router_state.py).
 #
