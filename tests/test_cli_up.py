@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "e2e-secret-key"
 
 
-def fleetlm(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def fleetlm(env: dict[str, str], *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", "import sys; from cluster.cli import main; sys.exit(main())", *args],
         cwd=ROOT,
