@@ -70,16 +70,22 @@ def router_kwargs(cfg: ClusterConfig, mc: ModelConfig) -> dict[str, Any]:
     return kwargs
 
 
+def max_replicas(mc: ModelConfig) -> int:
+    return mc.autoscaling.max_replicas if mc.autoscaling is not None else mc.initial_replicas()
+
+
 def server_options(cfg: ClusterConfig, mc: ModelConfig) -> dict[str, Any]:
     """Serve deployment options of one model's LLMServer."""
     ec = mc.engine_config()
     res = mc.resources_per_replica
     opts: dict[str, Any] = {
         "name": server_name(mc.name),
-        # Serve sends a replica at most what its engine runs plus its queue; further requests wait
-        # at the caller (max_queued_requests there), then get a 429 with Retry-After.
+        # Serve sends a replica at most what its engine runs plus its queue. Requests beyond wait
+        # at the caller (the ingress), up to one queue's worth per replica, then get a 429 with
+        # Retry-After. Serve counts requests still being routed as queued too, so the caller
+        # queue must absorb a burst, not only overflow.
         "max_ongoing_requests": ec.max_num_seqs + mc.max_queued_requests,
-        "max_queued_requests": mc.max_queued_requests,
+        "max_queued_requests": mc.max_queued_requests * max_replicas(mc),
         "graceful_shutdown_wait_loop_s": GRACEFUL_SHUTDOWN_WAIT_LOOP_S,
         "graceful_shutdown_timeout_s": GRACEFUL_SHUTDOWN_TIMEOUT_S,
         "health_check_period_s": 10.0,

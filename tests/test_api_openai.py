@@ -50,7 +50,7 @@ def api(ray_session):
                 "max_model_len": MAX_MODEL_LEN,
                 "num_threads": 1,
             },
-            "max_queued_requests": 2,
+            "max_queued_requests": 3,
             "resources_per_replica": {"num_cpus": 1},
             "caches": {"exact": {"enabled": False}},
         }
@@ -344,6 +344,7 @@ def test_overloaded_replica_is_skipped_despite_affinity(api, client):
                 async with http.stream(
                     "POST", api + "/v1/completions", json=body, headers=_auth()
                 ) as r:
+                    assert r.status_code == 200, (r.status_code, await r.aread())
                     replica = r.headers["x-fleetlm-replica"]
                     async for _ in r.aiter_lines():
                         pass

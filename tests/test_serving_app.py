@@ -17,8 +17,8 @@ def test_fixed_replicas_capacity_and_drain():
     cfg = _cfg(num_replicas=3, max_queued_requests=5)
     o = server_options(cfg, cfg.models[0])
     assert o["name"] == "LLMServer-m" and o["num_replicas"] == 3
-    # Serve sends a replica what its engine runs plus its queue, then queues 5 at the caller.
-    assert o["max_ongoing_requests"] == 13 and o["max_queued_requests"] == 5
+    # Serve sends a replica what its engine runs plus its queue; the caller queues 5 per replica.
+    assert o["max_ongoing_requests"] == 13 and o["max_queued_requests"] == 15
     assert o["graceful_shutdown_timeout_s"] >= 60  # running generations get time to finish
     assert o["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0.0}
 
@@ -43,6 +43,7 @@ def test_autoscaling_bounds_reach_serve():
     assert "num_replicas" not in o
     a = o["autoscaling_config"]
     assert (a["min_replicas"], a["max_replicas"], a["initial_replicas"]) == (1, 4, 2)
+    assert o["max_queued_requests"] == 64 * 4  # the default queue per replica, at most replicas
 
 
 def test_tensor_parallel_gets_one_bundle_per_shard():
