@@ -161,7 +161,9 @@ class FleetlmPolicy:
     ) -> None:
         kind = reason.split(":", 1)[0]  # e.g. "hold at 2", "scale up 1->3"
         changed = n != ctx.target_num_replicas
-        if kind != self.last_kind or changed or self.version != self.last_version:
+        new_kind = kind != self.last_kind or changed or self.version != self.last_version
+        self._export(ctx, snap, n, new_kind)
+        if new_kind:
             self.last_kind, self.last_version = kind, self.version
             self.history.append(
                 {
@@ -184,6 +186,25 @@ class FleetlmPolicy:
                 self.dirty_since = None
             except Exception as e:
                 logger.warning("fleetlm autoscaling history not written: %s", e)
+
+    def _export(self, ctx: AutoscalingContext, snap: Snapshot, n: int, new_kind: bool) -> None:
+        """Replica gauges every tick; a decision counted when its kind changes (a fixed word as
+        the label: scale_up, scale_down, to_zero, hold)."""
+        try:
+            from deployments.metrics import get_metrics
+
+            m = get_metrics()
+            model = self.model or _model_of(ctx.deployment_name)
+            m.set("replicas_current", ctx.current_num_replicas, model=model)
+            m.set("replicas_target", n, model=model)
+            m.set("autoscaling_queue_depth", snap.load, model=model)
+            if new_kind:
+                cur = ctx.target_num_replicas
+                word = "hold" if n == cur else "scale_up" if n > cur else "scale_down"
+                word = "to_zero" if n == 0 and cur > 0 else word
+                m.inc("autoscaling_decisions_total", 1, model=model, reason=word)
+        except Exception as e:  # metrics are advisory: never let them stop scaling
+            logger.debug("autoscaling metrics not exported: %s", e)
 
 
 def snapshot_from_context(ctx: AutoscalingContext, now: float) -> Snapshot:

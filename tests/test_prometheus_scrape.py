@@ -45,10 +45,6 @@ NOT_RECORDED = {
     # family -> why no series exists yet (who must record it)
     "spec_decode_num_accepted_tokens_total": "deployments/llm_server.py does not export "
     "EngineStats.spec_draft_tokens / spec_accepted_tokens yet",
-    "replicas_current": "deployments/autoscaling_policy.py does not record replica metrics yet",
-    "replicas_target": "deployments/autoscaling_policy.py does not record replica metrics yet",
-    "autoscaling_queue_depth": "deployments/autoscaling_policy.py does not record it yet",
-    "autoscaling_decisions_total": "deployments/autoscaling_policy.py does not record it yet",
 }
 
 
