@@ -216,6 +216,7 @@ class LLMServer:
     # -- stats for Serve ----------------------------------------------------------------------
     # async so Serve runs them on the replica's event loop, never in a thread beside generate().
     async def record_routing_stats(self) -> dict[str, Any]:
+        self._ensure_metrics_task()  # an idle replica still exports its gauges
         stats = self.engine.stats()
         if self._tracker is None:
             return {"num_waiting": stats.num_waiting, "num_running": stats.num_running}
@@ -223,6 +224,7 @@ class LLMServer:
         return self._tracker.routing_stats(stats)
 
     async def record_autoscaling_stats(self) -> dict[str, int | float]:
+        self._ensure_metrics_task()
         s = self.engine.stats()
         return {
             "queue_depth": s.num_waiting + s.num_running,
@@ -292,8 +294,10 @@ class LLMServer:
             ("prefix_cache_queries_total", "prefix_cache_query_tokens"),
             ("prefix_cache_hits_total", "prefix_cache_hit_tokens"),
             ("num_preemptions_total", "num_preemptions"),
+            ("spec_decode_num_draft_tokens_total", "spec_draft_tokens"),
+            ("spec_decode_num_accepted_tokens_total", "spec_accepted_tokens"),
         ):
-            delta = getattr(s, field) - (getattr(prev, field) if prev is not None else 0)
+            delta = getattr(s, field, 0) - (getattr(prev, field, 0) if prev is not None else 0)
             if delta > 0:
                 m.inc(metric, delta, **labels)
         self._last_stats = s

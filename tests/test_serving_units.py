@@ -376,3 +376,31 @@ def test_ingress_stream_closed_early_cancels_the_replica_call():
 
     asyncio.run(main())
     assert gen.cancelled
+
+
+def test_engine_metrics_are_published_as_deltas(server, monkeypatch):
+    import deployments.llm_server as ls
+
+    class Rec:
+        def __init__(self):
+            self.incs: dict[str, float] = {}
+            self.sets: dict[str, float] = {}
+
+        def inc(self, name, value, **labels):
+            assert labels == {"model": "tiny", "replica": "local"}
+            self.incs[name] = self.incs.get(name, 0) + value
+
+        def set(self, name, value, **labels):
+            self.sets[name] = value
+
+    rec = Rec()
+    monkeypatch.setattr(ls, "_get_metrics", lambda: rec)
+    server._last_stats = None
+    server._publish_metrics()
+    before = server.engine.stats()
+    assert rec.incs["prompt_tokens_total"] == before.prompt_tokens_total
+    asyncio.run(_collect(server, _req("m1", max_tokens=3, ignore_eos=True)))
+    server._publish_metrics()
+    assert rec.incs["generation_tokens_total"] == before.generation_tokens_total + 3
+    assert rec.incs["prompt_tokens_total"] == before.prompt_tokens_total + 5
+    assert rec.sets["num_requests_running"] == 0 and 0 <= rec.sets["kv_cache_usage_perc"] <= 1
