@@ -67,6 +67,14 @@ def build_config(args: argparse.Namespace) -> ClusterConfig:
             m["model"] = str((base / m["model"]).resolve())
         if args.replicas is not None:
             m["num_replicas"], m["autoscaling"] = args.replicas, None
+        if not args.config and not (m.get("engine") or {}).get("num_threads"):
+            # No file: this machine is the cluster. Ray would give a 1-CPU replica one torch
+            # thread (OMP_NUM_THREADS=1); split the machine's cores among the replicas instead.
+            n = m.get("num_replicas") or 1
+            m["engine"] = {
+                **(m.get("engine") or {}),
+                "num_threads": max(1, (os.cpu_count() or 1) // n),
+            }
     if args.host:
         data["http"]["host"] = args.host
     if args.port is not None:
