@@ -360,9 +360,7 @@ class OpenAIIngress:
             await deltas.aclose()
         tracker.done(public_finish_reason(states[0].finish_reason))
         build = chat_body if writer.chat else completion_body
-        full = build(
-            writer.id.split("-", 1)[1], writer.created, body.model, dict(states), n, rt.token_text
-        )
+        full = build(writer.rid, writer.created, rt.name, dict(states), n, rt.token_text)
         await rt.cache_store(namespace, body, full)
 
     def _cached_response(
@@ -389,7 +387,7 @@ class OpenAIIngress:
                 yield chunk
             if body.include_usage():
                 u = out.get("usage") or {}
-                yield writer._wrap([], u)
+                yield writer.event([], u)
             yield SSE_DONE
 
         return StreamingResponse(replay(), media_type="text/event-stream", headers=headers)

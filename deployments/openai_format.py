@@ -167,6 +167,7 @@ class ChunkWriter:
 
     def __init__(self, chat: bool, rid: str, created: int, model: str, tt: TokenText) -> None:
         self.chat = chat
+        self.rid = rid
         self.id = f"chatcmpl-{rid}" if chat else f"cmpl-{rid}"
         self.object = "chat.completion.chunk" if chat else "text_completion"
         self.created = created
@@ -174,7 +175,8 @@ class ChunkWriter:
         self.tt = tt
         self.started: set[int] = set()
 
-    def _wrap(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
+    def event(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
+        """One SSE ``data:`` event of this response's chunk object."""
         body: dict[str, Any] = {
             "id": self.id,
             "object": self.object,
@@ -213,10 +215,10 @@ class ChunkWriter:
                     "finish_reason": fr,
                 }
             choices.append(ch)
-        return self._wrap(choices, usage.to_dict() if usage is not None else None)
+        return self.event(choices, usage.to_dict() if usage is not None else None)
 
     def usage(self, usage: Usage) -> str:
-        return self._wrap([], usage.to_dict())
+        return self.event([], usage.to_dict())
 
     def from_body(self, body: dict[str, Any]) -> list[str]:
         """A stored full response (cache hit) replayed as a stream: one chunk per choice."""
