@@ -23,7 +23,9 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads on CPU; None leaves torch's default
-    quantization: Literal["int8"] | None = None
+    quantization: Literal["int8", "int8-w8a8"] | None = (
+        None  # weight-only int8 / + int8 activations
+    )
     speculative: dict[str, Any] | None = (
         None  # {"method": "ngram"|"draft_model", "num_tokens": k, ...}
     )
@@ -62,7 +64,9 @@ class EngineConfig:
             raise ValueError(f"dtype must be auto|float32|bfloat16|float16, got {self.dtype!r}")
         if not self.kv_cache_memory_gb > 0:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
-        if self.quantization not in (None, "int8"):
-            raise ValueError(f"quantization must be null or 'int8', got {self.quantization!r}")
+        if self.quantization not in (None, "int8", "int8-w8a8"):
+            raise ValueError(
+                f"quantization must be null, 'int8' or 'int8-w8a8', got {self.quantization!r}"
+            )
         if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
             raise ValueError("num_kv_blocks must be >= 2")

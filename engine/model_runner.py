@@ -62,10 +62,12 @@ class ModelRunner:
         if tp_group is not None and tp_group.size > 1:
             split = plan_heads(hf_config, tp_group.size, tp_group.rank)
             shard_model(self.model, split, tp_group)
-        if config.quantization == "int8":
+        if config.quantization in ("int8", "int8-w8a8"):
             from engine.quantization import quantize_int8
 
-            self.model = quantize_int8(self.model)
+            self.model = quantize_int8(
+                self.model, dynamic_activations=config.quantization == "int8-w8a8"
+            )
         text_cfg = self.model.config.get_text_config()
         self.hf_config = text_cfg
         self.vocab_size = text_cfg.vocab_size
