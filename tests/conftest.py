@@ -26,7 +26,8 @@ def ray_session():
     from ray import serve
 
     port = free_port()
-    ray.init(num_cpus=16, include_dashboard=False, log_to_driver=False)
+    # address="local": always a fresh head of our own, never another Ray on this machine.
+    ray.init(address="local", num_cpus=16, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()

@@ -43,8 +43,6 @@ SCRAPE_INTERVAL_S = 3
 QUERY_RETRY_S = 20
 NOT_RECORDED = {
     # family -> why no series exists yet (who must record it)
-    "spec_decode_num_accepted_tokens_total": "deployments/llm_server.py does not export "
-    "EngineStats.spec_draft_tokens / spec_accepted_tokens yet",
 }
 
 
