@@ -237,6 +237,8 @@ class LLMEngine:
             return
         # Draft model: k greedy decode steps over the eligible batch, slots allocated up front.
         batch = [r for r in eligible if self.block_manager.allocate(r, 1 + k)]
+        if not batch:  # no free blocks for drafts this step
+            return
         drafts: list[list[int]] = [[] for _ in batch]
         for j in range(k):
             out = SchedulerOutput(

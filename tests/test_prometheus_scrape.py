@@ -79,7 +79,11 @@ def cluster_url(ray_session):
                     # 16 blocks of 16 tokens for 8 sequences of ~100 tokens: preemptions happen.
                     "engine": {"num_kv_blocks": 16, "max_num_seqs": 8, "max_model_len": 256,
                                "num_threads": 1,
-                               "speculative": {"method": "ngram", "num_tokens": 3}},
+                               # draft = target: drafts are accepted often enough for the
+                               # acceptance series to exist (the random model never copies,
+                               # so n-gram drafts are all rejected and that counter never moves)
+                               "speculative": {"method": "draft_model", "model": "demo-small",
+                                               "num_tokens": 3}},
                     "resources_per_replica": {"num_cpus": 1},
                 }
             ],
@@ -174,9 +178,10 @@ async def _load(base: str) -> None:
         async def stream(i: int) -> None:
             body = {
                 "model": MODEL,
-                "prompt": f"request {i}: " + "the quick brown fox jumps over the lazy dog " * 4,
+                # A shared head (prefix-cache hits across requests) and a unique tail.
+                "prompt": "the quick brown fox jumps over the lazy dog " * 4 + f"request {i}",
                 "max_tokens": 64,
-                "temperature": 0.8,
+                "temperature": 0.8 if i % 2 else 0.0,  # greedy half: drafts get accepted
                 "seed": i,
                 "ignore_eos": True,
                 "stream": True,

@@ -125,3 +125,22 @@ def test_backoff_for_large_batches():
     eng.generate(repetitive_prompts()[:1], sp)
     assert eng.stats().spec_draft_tokens >= first
     assert first <= 8 * 2  # only the tail of the run (<= 2 left) could speculate
+
+
+def test_draft_model_under_block_pressure_finishes_every_request():
+    # So few blocks that draft slots often can't be allocated (and requests are preempted).
+    spec = {"method": "draft_model", "model": "demo-small", "num_tokens": 3}
+    eng = LLMEngine(
+        EngineConfig(
+            model=resolve_model("demo-small"), num_kv_blocks=16, max_num_seqs=8, speculative=spec
+        )
+    )
+    prompts = [list(range(100, 170)) + [i] for i in range(10)]
+    params = [
+        SamplingParams(temperature=0.8 if i % 2 else 0.0, seed=i, max_tokens=40, ignore_eos=True)
+        for i in range(10)
+    ]
+    res = eng.generate(prompts, params)
+    assert [len(r.token_ids) for r in res] == [40] * 10
+    st = eng.stats()
+    assert st.num_preemptions > 0 and st.num_free_blocks == st.num_total_blocks
