@@ -101,8 +101,14 @@ def run_vllm(python: str, model: str, prompts, repeats: int) -> float | None:
         script, pp, op = (os.path.join(d, f) for f in ("v.py", "p.json", "o.json"))
         open(script, "w").write(VLLM_SCRIPT)
         json.dump(prompts, open(pp, "w"))
+        env = dict(os.environ)
+        # vLLM's CPU build claims most of RAM for KV by default, which fails beside this process's
+        # models; 4 GiB is far more than W1 needs. Its AOT compile cache does not load with torch
+        # 2.13 (see bench/vllm_server.py), so use the plain torch.compile cache.
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+        env.setdefault("VLLM_USE_AOT_COMPILE", "0")
         r = subprocess.run(
-            [python, script, model, pp, op, str(repeats)], capture_output=True, text=True
+            [python, script, model, pp, op, str(repeats)], capture_output=True, text=True, env=env
         )
         if r.returncode != 0:
             print("vLLM run failed:\n" + r.stderr[-2000:], file=sys.stderr)
