@@ -12,6 +12,7 @@ lexical guard (what a plain embedding-threshold cache does).
 
   python -m bench.cache --json out.json                    # the cache layer in-process
   python -m bench.cache --set heldout                      # questions never used for tuning
+  python -m bench.cache --dtype float32                    # reference-precision embedder
   python -m bench.cache --serve                            # served path, local Ray Serve
   python -m bench.cache --url http://127.0.0.1:8000 --api-key KEY --model demo   # a cluster
 
@@ -175,7 +176,7 @@ async def run_http(stream: list[Item], url: str, api_key: str, model: str) -> di
     return summarize(rows, len(stream))
 
 
-def serve_locally(key: str) -> tuple[str, Any]:
+def serve_locally(key: str, dtype: str = "auto") -> tuple[str, Any]:
     """Start a local Ray Serve with one demo-small replica behind the ingress, semantic cache on
     (default threshold). Returns (base URL, stop function)."""
     import hashlib
@@ -202,7 +203,7 @@ def serve_locally(key: str) -> tuple[str, Any]:
                     "num_replicas": 1,
                     "engine": {"num_kv_blocks": 64, "max_model_len": 256, "num_threads": 1},
                     "resources_per_replica": {"num_cpus": 1},
-                    "caches": {"semantic": {"enabled": True}},
+                    "caches": {"semantic": {"enabled": True, "embed_dtype": dtype}},
                 }
             ],
             "api_keys": [{"sha256": hashlib.sha256(key.encode()).hexdigest()}],
@@ -241,7 +242,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threshold", type=float, default=None, help="default: CacheConfig's")
     ap.add_argument("--concurrency", type=int, default=1)
-    ap.add_argument("--int8", action="store_true", help="int8 embedding model (embed_int8)")
+    ap.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "int8"],
+        default="auto",
+        help="embedding model matmul precision (embed_dtype)",
+    )
     ap.add_argument("--runs", type=int, default=3, help="repeat the layer run; medians reported")
     ap.add_argument("--url", default=None, help="fleetlm HTTP base URL: measure the served path")
     ap.add_argument(
@@ -259,14 +265,13 @@ def main() -> None:
     share = n_para / len(stream)
     print(f"stream: {len(stream)} requests, {n_para} paraphrased repeats ({share:.0%})")
     result: dict[str, Any] = {"set": args.set, "seed": args.seed, "requests": len(stream)}
-    result["int8"] = args.int8
     result["load_average_1m"] = os.getloadavg()[0]  # shared machine: latency depends on it
 
     if args.url or args.serve:
         url, stop, key = args.url, None, args.api_key
         if args.serve:
             key = key or "bench-cache-key"
-            url, stop = serve_locally(key)
+            url, stop = serve_locally(key, args.dtype)
             args.model = "demo"
         try:
             result["http"] = asyncio.run(run_http(stream, url, key, args.model))
@@ -286,9 +291,10 @@ def main() -> None:
 
         torch.set_num_threads(1)
         t0 = time.perf_counter()
-        emb = MiniLMEmbedder(num_threads=1, int8=args.int8)
+        emb = MiniLMEmbedder(num_threads=1, dtype=args.dtype)
         emb.embed(["warm up"])
         result["embedder_load_s"] = round(time.perf_counter() - t0, 3)
+        result["dtype"] = emb.dtype
         sem: dict[str, Any] = {"enabled": True}
         if args.threshold is not None:
             sem["threshold"] = args.threshold

@@ -33,6 +33,8 @@ def test_threshold_one_is_allowed():
         ({"semantic": {"ttl_s": float("inf")}}, "semantic.ttl_s"),
         ({"exact": {"max_bytes": 0}}, "exact.max_bytes"),
         ({"semantic": {"max_batch_size": 0}}, "semantic.max_batch_size"),
+        ({"semantic": {"embed_dtype": "fp8"}}, "semantic.embed_dtype"),
+        ({"semantic": {"batch_wait_ms": -1}}, "semantic.batch_wait_ms"),
     ],
 )
 def test_bad_values_name_the_field(body, field):

@@ -99,14 +99,45 @@ def test_layer_concurrent_lookups_share_one_forward(embedder):
     assert s["embed_calls"] == 1 and s["embedded_texts"] == 6
 
 
-def test_int8_embeddings_stay_close_to_float32(embedder):
-    q8 = MiniLMEmbedder(num_threads=1, int8=True)
+@pytest.mark.parametrize(
+    "dtype, min_cos, max_dsim", [("bfloat16", 0.999, 0.006), ("int8", 0.99, 0.03)]
+)
+def test_low_precision_embeddings_stay_close_to_float32(embedder, dtype, min_cos, max_dsim):
+    low = MiniLMEmbedder(num_threads=1, dtype=dtype)
     texts = [
         "What is the capital of France?",
         "Which city is the capital of France?",
         "How do I reverse a list in Python?",
         "Why is the sky blue?",
     ]
-    a, b = embedder.embed(texts), q8.embed(texts)
-    assert (a * b).sum(1).min() > 0.99
-    assert np.abs(a @ a.T - b @ b.T).max() < 0.03
+    a, b = embedder.embed(texts), low.embed(texts)
+    assert b.dtype == np.float32 and np.allclose(np.linalg.norm(b, axis=1), 1.0, atol=1e-5)
+    assert (a * b).sum(1).min() > min_cos
+    assert np.abs(a @ a.T - b @ b.T).max() < max_dsim
+
+
+def test_packed_onednn_path_matches_plain_linear(embedder, monkeypatch):
+    import deployments.response_cache.embedder as emb_mod
+
+    texts = ["hi", "What is the boiling point of water in Celsius?", "x " * 40]
+    monkeypatch.setattr(emb_mod, "_onednn", lambda: False)
+    plain = MiniLMEmbedder(num_threads=1)
+    assert not plain._packed
+    np.testing.assert_allclose(embedder.embed(texts), plain.embed(texts), atol=1e-5)
+
+
+def test_dtype_auto_and_bad_dtype():
+    from deployments.response_cache.embedder import resolve_dtype
+
+    assert resolve_dtype("auto") in ("bfloat16", "float32")
+    assert resolve_dtype("int8") == "int8"
+    with pytest.raises(ValueError, match="dtype"):
+        MiniLMEmbedder(num_threads=1, dtype="fp8")
+
+
+def test_layer_loads_the_model_in_the_background_at_start():
+    cfg = CacheConfig.model_validate({"semantic": {"enabled": True}})
+    lay = ResponseCacheLayer(cfg, "demo")  # no embedder given: the real one, loaded lazily
+    lay.warmup()  # waits for the load the constructor started
+    assert lay._embedder is not None
+    lay.close()

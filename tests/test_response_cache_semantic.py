@@ -223,6 +223,51 @@ def test_batcher_splits_at_max_batch_size_and_survives_errors():
     b2.close()
 
 
+def test_batcher_without_window_batches_same_turn_and_whatever_queued_while_busy():
+    """max_wait_ms=0: texts of one loop turn share a call; texts arriving while a call runs all go
+    in the next call, started as soon as the running one returns."""
+    import threading
+
+    release = threading.Event()
+    calls: list[list[str]] = []
+
+    def slow(texts: list[str]) -> np.ndarray:
+        calls.append(list(texts))
+        if len(calls) == 1:
+            assert release.wait(10)
+        return np.ones((len(texts), DIM), np.float32)
+
+    b = EmbedBatcher(slow, max_wait_ms=0)
+
+    async def main() -> None:
+        first = asyncio.gather(b.embed("a"), b.embed("b"))  # one turn -> one call
+        while not calls:
+            await asyncio.sleep(0.001)
+        later = [asyncio.ensure_future(b.embed(f"q{i}")) for i in range(3)]
+        await asyncio.sleep(0.02)  # they queue behind the running call
+        assert calls == [["a", "b"]]
+        release.set()
+        await asyncio.wait_for(asyncio.gather(first, *later), 10)
+
+    asyncio.run(main())
+    assert calls == [["a", "b"], ["q0", "q1", "q2"]]
+    b.close()
+
+
+def test_batcher_lone_text_does_not_wait_for_a_window():
+    b = EmbedBatcher(FakeEmbedder({}).embed)  # the default: no window
+    slow = EmbedBatcher(FakeEmbedder({}).embed, max_wait_ms=60_000)
+
+    async def main() -> None:
+        await asyncio.wait_for(b.embed("alone"), 5)
+        with pytest.raises(asyncio.TimeoutError):  # a window really waits
+            await asyncio.wait_for(slow.embed("alone"), 0.2)
+
+    asyncio.run(main())
+    b.close()
+    slow.close()
+
+
 # -- layer ---------------------------------------------------------------------------------------
 def layer(fake: FakeEmbedder, clock: Clock | None = None, **sem) -> ResponseCacheLayer:
     cfg = CacheConfig.model_validate(

@@ -70,6 +70,10 @@ class ResponseCacheLayer:
                 use_guard=sem.guard,
             )
             self.batcher = EmbedBatcher(self._embed_sync, sem.batch_wait_ms, sem.max_batch_size)
+            if embedder is None:
+                # Load the model (and run its first forward) on the worker thread now, in the
+                # background, so the first lookup doesn't pay for it.
+                self.batcher.submit(self._warm).add_done_callback(_log_failure)
         self._recent: OrderedDict[str, np.ndarray] = OrderedDict()
         self.hits = {"exact": 0, "semantic": 0}
         self.misses = {"exact": 0, "semantic": 0}
@@ -130,9 +134,12 @@ class ResponseCacheLayer:
         return out
 
     def warmup(self) -> None:
-        """Load the embedding model now (blocking) instead of on the first semantic lookup."""
-        if self.semantic is not None:
-            self._embed_sync(["warm up"])
+        """Wait until the embedding model is loaded and warm (the constructor started that)."""
+        if self.batcher is not None:
+            self.batcher.submit(self._warm).result()
+
+    def _warm(self) -> None:
+        self._embed_sync(["warm up the embedder"])
 
     def close(self) -> None:
         if self.batcher is not None:
@@ -155,7 +162,9 @@ class ResponseCacheLayer:
             looked = True
             assert self.semantic is not None and self.batcher is not None
             context, text = split
-            vec = await self.batcher.embed(text)
+            vec = self._recent.get(text)  # the same text seen lately (another context, tenant)
+            if vec is None:
+                vec = await self.batcher.embed(text)
             self._remember(text, vec)
             hit = self.semantic.search(context, vec, text)
             if hit is not None:
@@ -200,7 +209,7 @@ class ResponseCacheLayer:
             from deployments.response_cache.embedder import MiniLMEmbedder
 
             sem = self.cfg.semantic
-            self._embedder = MiniLMEmbedder(num_threads=sem.embed_threads, int8=sem.embed_int8)
+            self._embedder = MiniLMEmbedder(num_threads=sem.embed_threads, dtype=sem.embed_dtype)
         return self._embedder.embed(texts)
 
     def _miss(self, kind: str) -> None:
@@ -214,6 +223,11 @@ class ResponseCacheLayer:
             get_metrics().inc("response_cache_misses_total", 1, model=self.model, kind=kind)
         except Exception:  # metrics must never fail a request
             logger.debug("response_cache_misses_total not recorded", exc_info=True)
+
+
+def _log_failure(fut: Any) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        logger.error("semantic cache embedder failed to load", exc_info=fut.exception())
 
 
 def _cacheable(response: Any) -> bool:
