@@ -26,6 +26,15 @@ class ReplicaView:
         """Leading blocks of the prompt this replica holds (reported or assumed)."""
         return self.index.longest_prefix(request_hashes)
 
+    def placed(self, request_hashes: Sequence[int], num_blocks: int) -> bool:
+        """Whether this router itself recently sent the prompt's first ``num_blocks`` blocks here
+        (as a placement, not a spill): the replica is that prefix's home."""
+        return num_blocks > 0 and self.index.is_assumed(request_hashes[num_blocks - 1])
+
+    def footprint(self) -> int:
+        """Distinct blocks this router recently placed here (its share of the working set)."""
+        return self.index.num_assumed()
+
 
 class Decision(NamedTuple):
     replica_id: str
@@ -35,6 +44,9 @@ class Decision(NamedTuple):
 class Policy(Protocol):
     name: str
     reasons: tuple[str, ...]  # every reason choose() can return (metric label values)
+    # Reasons for which the chosen replica is not the prompt's home, only a spill target: the
+    # router does not record the prompt's blocks as placed there (RouterState). Optional.
+    spill_reasons: tuple[str, ...]
 
     def choose(
         self,

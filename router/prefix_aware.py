@@ -10,6 +10,10 @@
 #                them evicted (router/prefix_index.py; default 30 s).
 #     load(r)  = num_waiting + num_running from r's last routing stats + requests this router sent r
 #                since those stats that have not completed yet (router/router_state.py).
+#     home(r)  = r is where this router itself last placed the matched prefix: h[match(r) - 1] is in
+#                r's history (assumed, not only reported), i.e. r got it by a cold or affinity
+#                decision within assumed_ttl_s (balance spills are not recorded, see below).
+#     footprint(r) = distinct blocks in r's history: the working set this router placed on r.
 #
 # Parameters (defaults)
 #   imbalance = 8         largest load gap tolerated for affinity (absolute requests, >= 0).
@@ -17,19 +21,27 @@
 #
 # Algorithm
 #   1. least = the replica with the smallest load (earliest on ties); min_load = load(least).
-#   2. best_match = max over r of match(r). If best_match < min_match_blocks: choose least,
-#      reason "cold" (nothing useful cached anywhere: spread new prefixes by load).
-#   3. best = the least loaded among the replicas whose match == best_match (earliest on ties).
+#   2. best_match = max over r of match(r). If best_match < min_match_blocks, the prefix is new:
+#      among the replicas with load(r) - min_load <= imbalance choose the smallest footprint
+#      (then the smallest load, then the earliest), reason "cold". New prefixes go where the
+#      least cache is claimed, so the prefix -> replica partition stays even in cache demand
+#      (SGLang's cache-aware router picks the smallest radix tree the same way); load is the guard.
+#   3. best = among the replicas with match == best_match, a home one first, then the least
+#      loaded, then the earliest. A prefix that spilled to a second replica goes back to its home
+#      once the home is within the imbalance again, so the spill copy ages out of the second cache
+#      instead of the prefix alternating between two replicas and occupying both caches.
 #   4. If load(best) - min_load > imbalance: choose least, reason "balance" (the cached replica is
 #      too far behind; recomputing the prefix elsewhere is cheaper than queueing). Otherwise choose
 #      best, reason "affinity".
 #   Every decision is counted by reason: affinity, balance, cold.
 #
-# After the choice the router assumes the chosen replica now holds h[0..n) and counts one more
-# request sent to it, so the next request of the same prefix follows even before the replica reports
-# again. This follows SGLang's cache-aware policy (sgl-router), with the replica's own reported
-# cache (exact block hashes) instead of an approximate radix tree of request texts, and a single
-# absolute load threshold.
+# After a cold or affinity choice the router records that the chosen replica now holds h[0..n)
+# (its history) and counts one more request sent to it, so the next request of the same prefix
+# follows even before the replica reports again. After a balance choice it only counts the
+# request: a spill is not a placement (spill_reasons). This follows SGLang's cache-aware policy
+# (sgl-router), with the replica's own reported cache (exact block hashes) beside the router's
+# history instead of an approximate radix tree of request texts, and a single absolute load
+# threshold.
 """prefix_aware routing policy (algorithm and defaults in the comment above)."""
 
 from __future__ import annotations
@@ -45,6 +57,7 @@ DEFAULT_MIN_MATCH_BLOCKS = 1
 class PrefixAwarePolicy:
     name = "prefix_aware"
     reasons = ("affinity", "balance", "cold")
+    spill_reasons = ("balance",)
 
     def __init__(
         self, imbalance: int = DEFAULT_IMBALANCE, min_match_blocks: int = DEFAULT_MIN_MATCH_BLOCKS
@@ -71,8 +84,14 @@ class PrefixAwarePolicy:
         matches = [r.match(request_hashes) for r in replicas]
         best_match = max(matches)
         if best_match < self.min_match_blocks:
-            return Decision(least.replica_id, "cold")
-        best = least_loaded([r for r, m in zip(replicas, matches, strict=True) if m == best_match])
+            within = [r for r in replicas if r.load - least.load <= self.imbalance]
+            # min() keeps the earliest of equal keys
+            chosen = min(within, key=lambda r: (r.footprint(), r.load))
+            return Decision(chosen.replica_id, "cold")
+        best = min(
+            (r for r, m in zip(replicas, matches, strict=True) if m == best_match),
+            key=lambda r: (not r.placed(request_hashes, best_match), r.load),
+        )
         if best.load - least.load > self.imbalance:
             return Decision(least.replica_id, "balance")
         return Decision(best.replica_id, "affinity")

@@ -115,14 +115,27 @@ class PrefixIndex:
             n += 1
         return n
 
+    def is_assumed(self, block_hash: int) -> bool:
+        """True while ``block_hash`` is in this router's own history (sent here < ttl ago)."""
+        expiry = self._assumed.get(block_hash)
+        return expiry is not None and expiry > self._clock()
+
     @property
     def cached(self) -> frozenset[int]:
         """The replica-reported hashes (assumptions excluded)."""
         return frozenset(self._cached)
 
     def num_assumed(self) -> int:
+        """Distinct blocks in this router's unexpired history: what it recently placed here."""
+        # Every assume() uses the same ttl on a monotonic clock and re-inserts at the end, so
+        # expiry times ascend in the dict's order: expired entries are exactly a leading run.
         now = self._clock()
-        return sum(1 for exp in self._assumed.values() if exp > now)
+        while self._assumed:
+            h, exp = next(iter(self._assumed.items()))
+            if exp > now:
+                break
+            del self._assumed[h]
+        return len(self._assumed)
 
     def __len__(self) -> int:
         return len(self._cached)

@@ -52,6 +52,7 @@ class RouterState:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.policy = policy
+        self._spill_reasons = frozenset(getattr(policy, "spill_reasons", ()))
         self.assumed_ttl_s = assumed_ttl_s
         self._clock = clock
         self._replicas: dict[str, _Replica] = {}
@@ -113,7 +114,8 @@ class RouterState:
         decision = self.policy.choose(request_hashes, self.views(candidate_ids), session_id)
         r = self._get(decision.replica_id)
         r.num_sent += 1
-        r.index.assume(request_hashes)
+        if decision.reason not in self._spill_reasons:
+            r.index.assume(request_hashes)
         self._open[request_id] = _Booked(decision, r.epoch, list(request_hashes))
         while len(self._open) > MAX_OPEN_DECISIONS:
             self._open.popitem(last=False)
@@ -127,10 +129,11 @@ class RouterState:
             return None
         reason = booked.decision.reason
         if booked.decision.replica_id != replica_id:
+            # The chosen replica was full and Ray used another rank: a spill, like a balance
+            # decision, so the prompt's blocks are not recorded as placed there.
             self._undo(booked)
             r = self._get(replica_id)
             r.num_sent += 1
-            r.index.assume(booked.hashes)
             booked = _Booked(Decision(replica_id, "fallback"), r.epoch)
             reason = "fallback"
         booked.hashes = []  # not needed any more; keep the in-flight table small

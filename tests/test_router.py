@@ -99,6 +99,25 @@ def test_assumed_hashes_outlive_reports_until_ttl():
     assert no_history.longest_prefix(h) == 0
 
 
+def test_history_queries_and_count_drop_expired_entries():
+    clock = Clock()
+    h = block_hashes(prompt(1, 1), BS)
+    idx = PrefixIndex(assumed_ttl_s=10, clock=clock)
+    idx.replace(h[:1], version=1)  # reported only: not history
+    assert not idx.is_assumed(h[0])
+    idx.assume(h[:2])  # t=100, until 110
+    clock.t = 105
+    idx.assume(h[1:4])  # h[1] refreshed until 115; h[2], h[3] until 115
+    assert [idx.is_assumed(x) for x in h] == [True, True, True, True]
+    assert idx.num_assumed() == 4
+    clock.t = 110  # h[0] expires (expiry 110 is not > 110)
+    assert [idx.is_assumed(x) for x in h] == [False, True, True, True]
+    assert idx.num_assumed() == 3
+    assert idx.longest_prefix(h) == 4  # h[0] is still reported
+    clock.t = 115
+    assert idx.num_assumed() == 0 and not idx.is_assumed(h[3])
+
+
 def test_assumed_history_is_capped_least_recent_first():
     h = block_hashes(list(range(16)), BS)  # 4 blocks
     idx = PrefixIndex(assumed_ttl_s=10, max_assumed=3)
@@ -207,6 +226,45 @@ def test_prefix_aware_ties_on_match_go_to_least_loaded_and_min_match():
     assert PrefixAwarePolicy(min_match_blocks=3).choose(h, [a, b, c]) == ("c", "cold")
 
 
+def history_view(rid: str, load: int, placed: list[list[int]] = (), cached: list[int] = ()):
+    v = view(rid, load, cached)
+    for hs in placed:
+        v.index.assume(hs)
+    return v
+
+
+def test_prefix_aware_cold_goes_to_smallest_footprint_within_imbalance():
+    g1, g2, g3 = (block_hashes(prompt(g, 1), BS) for g in (1, 2, 3))
+    pol = PrefixAwarePolicy(imbalance=4)
+    # "a" was given two prefixes (8 blocks), "b" one (4), "c" none but it is 5 busier than "a".
+    a = history_view("a", 1, [g1, g2])
+    b = history_view("b", 3, [block_hashes(prompt(4, 1), BS)])
+    c = history_view("c", 6)
+    assert [v.footprint() for v in (a, b, c)] == [8, 4, 0]
+    assert pol.choose(g3, [a, b, c]) == ("b", "cold")  # c is beyond the imbalance
+    c.load = 5
+    assert pol.choose(g3, [a, b, c]) == ("c", "cold")  # gap 4: c is within, and holds least
+    # Equal footprints: the least loaded, then the earliest.
+    assert pol.choose(g3, [history_view("x", 2), history_view("y", 1)]) == ("y", "cold")
+    assert pol.choose(g3, [history_view("x", 1), history_view("y", 1)]) == ("x", "cold")
+
+
+def test_prefix_aware_equal_match_prefers_the_prefix_home():
+    h = block_hashes(prompt(1, 1), BS)
+    # Both report the prefix; "a" is its home (this router placed it there), "b" holds a spill
+    # copy and is less loaded: affinity goes home, so b's copy ages out.
+    a = history_view("a", 5, [h[:3]], cached=h[:3])
+    b = history_view("b", 1, cached=h[:3])
+    assert a.placed(h, 3) and not b.placed(h, 3) and not a.placed(h, 0)
+    assert PrefixAwarePolicy(imbalance=4).choose(h, [b, a]) == ("a", "affinity")
+    # The home beyond the imbalance: spill to the least loaded.
+    a.load = 6
+    assert PrefixAwarePolicy(imbalance=4).choose(h, [b, a]) == ("b", "balance")
+    # A longer match elsewhere still wins over a shorter home.
+    c = history_view("c", 2, cached=h)
+    assert PrefixAwarePolicy(imbalance=8).choose(h, [a, b, c]) == ("c", "affinity")
+
+
 def test_prefix_aware_validates_params():
     with pytest.raises(ValueError, match="imbalance"):
         PrefixAwarePolicy(imbalance=-1)
@@ -285,6 +343,34 @@ def test_state_follows_prefix_between_reports_and_counts_load():
     assert st.choose("r6", block_hashes(prompt(1, 4), BS), ids) == ("b", "balance")
 
 
+def test_state_balance_spill_is_not_a_placement_and_prefix_returns_home():
+    clock = Clock()
+    st = RouterState(PrefixAwarePolicy(imbalance=2), assumed_ttl_s=30, clock=clock)
+    ta, tb = ReplicaCacheTracker(BS), ReplicaCacheTracker(BS)
+    ids = ["a", "b"]
+    g1 = [block_hashes(prompt(1, q), BS) for q in range(8)]
+    assert st.choose("r1", g1[1], ids) == ("a", "cold")
+    # "a" reports a queue of 4 with group 1 cached; "b" idle: gap 4 > 2, group 1 spills to "b".
+    ta.apply_events([BlockEvent("stored", g1[1])])
+    st.update_stats("a", report(ta, waiting=4))
+    st.update_stats("b", report(tb))
+    assert st.choose("r2", g1[2], ids) == ("b", "balance")
+    assert st.views(["b"])[0].match(g1[3]) == 0  # not recorded as placed on "b"
+    # "b" computed and cached the prefix; "a" drains to a queue of 1: both hold the prefix, "b"
+    # is less loaded, but group 1 goes back to its home "a".
+    tb.apply_events([BlockEvent("stored", g1[2])])
+    st.update_stats("b", report(tb))
+    st.update_stats("a", report(ta, running=1))
+    assert [st.choose(f"r{q}", g1[q], ids) for q in (3, 4)] == [("a", "affinity")] * 2
+    # A new group goes where less of the working set was placed: "b" (a holds group 1's blocks).
+    assert st.choose("r5", block_hashes(prompt(2, 1), BS), ids) == ("b", "cold")
+    # Once a's history of group 1 has lapsed and only "b" still reports it, "b" is the match.
+    clock.t += 31
+    ta.apply_events([BlockEvent("removed", g1[1])])
+    st.update_stats("a", report(ta))
+    assert st.choose("r6", g1[6], ids) == ("b", "affinity")
+
+
 def test_state_unchanged_report_is_skipped_and_bad_report_raises():
     st = RouterState(PrefixAwarePolicy())
     ta = ReplicaCacheTracker(BS)
@@ -303,10 +389,12 @@ def test_state_fallback_and_retry_rebook_load():
     h = block_hashes(prompt(1, 1), BS)
     assert st.choose("r1", h, ["a", "b"]) == ("a", "round_robin")
     assert (st.load("a"), st.load("b")) == (1, 0)
-    # Ray says the request went to "b" (a was full): counts move, and "b" now assumes the prefix.
+    # Ray says the request went to "b" (a was full): counts move; a spill is not a placement, so
+    # "b" does not take the prefix into its history ("a", the policy's choice, keeps it).
     assert st.on_routed("r1", "b") == "fallback"
     assert (st.load("a"), st.load("b")) == (0, 1)
-    assert st.views(["b"])[0].match(h) == 4
+    assert st.views(["b"])[0].match(h) == 0
+    assert st.views(["a"])[0].match(h) == 4
     assert st.on_routed("r1", "b") is None  # settled already
     # A re-chosen request undoes its previous booking.
     assert st.choose("r2", h, ["a", "b"]).replica_id == "b"
