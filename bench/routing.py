@@ -2,11 +2,14 @@
 
 One run, same machine, same model, same prompts:
 - W2 on ``--replicas`` (2) replicas, once per policy (prefix_aware, pow2, round_robin), each on a
-  freshly deployed app (cold caches). Each replica's KV cache holds ``--kv-fraction`` (0.6) of the
-  distinct prefix tokens G x S (WORKLOADS.md): prefixes can't all fit on every replica, so where
-  requests go decides the hit rate.
-- W1 at concurrency 32 through HTTP: one fleetlm replica, then vLLM's CPU OpenAI server (when
-  ``--vllm-python`` is given), one server at a time on the same cores.
+  freshly deployed app (cold caches). Each replica's KV cache has room for ``--kv-fraction`` (0.6)
+  of the distinct prefix tokens G x S (WORKLOADS.md) plus, beside it, the own blocks (question +
+  output) of ``--room-requests`` running requests (concurrency / replicas), so the running requests
+  don't take the prefix share: prefixes can't all fit on every replica, so where requests go
+  decides the hit rate. Decisions are counted by reason from the ingress's /metrics.
+- W1 at concurrency 32 through HTTP: one fleetlm replica with every core (``--w1-threads``), then
+  vLLM's CPU OpenAI server (when ``--vllm-python`` is given), one server at a time on the same
+  cores.
 
     python bench/routing.py --json out/routing.json [--vllm-python /work/vllm-venv/bin/python]
     python bench/routing.py --groups 8 --prompts-per-group 8 --skip-w1     # a quicker look
@@ -21,6 +24,7 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import re
 import socket
 import sys
@@ -47,10 +51,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def w2_kv_blocks(groups: int, prefix_len: int, fraction: float, request_tokens: int) -> int:
-    """Blocks per replica to hold ``fraction`` of the distinct prefix tokens (and one request)."""
-    want = math.ceil(fraction * groups * prefix_len / BLOCK_SIZE)
-    return max(want, math.ceil(request_tokens / BLOCK_SIZE) + 1)
+def w2_kv_blocks(
+    groups: int,
+    prefix_len: int,
+    fraction: float,
+    request_tokens: int,
+    room_requests: int,
+) -> tuple[int, int]:
+    """(prefix blocks, running-request blocks) per replica.
+
+    The prefix part holds ``fraction`` of the distinct prefix tokens G x S. Beside it, room for
+    ``room_requests`` running requests' own blocks (question + output: what a request needs beyond
+    its cached prefix), so running requests don't eat the share meant for cached prefixes. The
+    replica's KV cache is the sum; with room_requests=0 the whole cache is the prefix share.
+    """
+    prefix = math.ceil(fraction * groups * prefix_len / BLOCK_SIZE)
+    own = math.ceil(request_tokens / BLOCK_SIZE) - prefix_len // BLOCK_SIZE
+    room = room_requests * own
+    # Whatever the fraction, one whole request must fit.
+    prefix = max(prefix, math.ceil(request_tokens / BLOCK_SIZE) + 1 - room)
+    return prefix, room
 
 
 def cluster_config(
@@ -164,7 +184,15 @@ def run_w2(args: argparse.Namespace, port: int) -> tuple[dict[str, Any], dict[st
         concurrency=args.concurrency,
     )
     request_tokens = args.prefix_len + args.question_len + args.output_len
-    kv_blocks = w2_kv_blocks(args.groups, args.prefix_len, args.kv_fraction, request_tokens)
+    room_requests = (
+        args.room_requests
+        if args.room_requests is not None
+        else math.ceil(args.concurrency / args.replicas)
+    )
+    prefix_blocks, room_blocks = w2_kv_blocks(
+        args.groups, args.prefix_len, args.kv_fraction, request_tokens, room_requests
+    )
+    kv_blocks = prefix_blocks + room_blocks
     engine = {
         "num_kv_blocks": kv_blocks,
         "max_model_len": max(1024, request_tokens),
@@ -173,6 +201,9 @@ def run_w2(args: argparse.Namespace, port: int) -> tuple[dict[str, Any], dict[st
     setup = {
         "kv_blocks_per_replica": kv_blocks,
         "kv_tokens_per_replica": kv_blocks * BLOCK_SIZE,
+        "prefix_share_blocks": prefix_blocks,
+        "running_room_blocks": room_blocks,
+        "running_room_requests": room_requests,
         "distinct_prefix_tokens": args.groups * args.prefix_len,
         "replicas": args.replicas,
         "threads_per_replica": args.threads_per_replica,
@@ -183,7 +214,10 @@ def run_w2(args: argparse.Namespace, port: int) -> tuple[dict[str, Any], dict[st
         cfg = cluster_config(
             args.model, port, args.replicas, policy, args.imbalance, engine, args.cpus_per_replica
         )
-        print(f"\n== W2, {policy}: deploying {args.replicas} replicas ({kv_blocks} KV blocks each)")
+        print(
+            f"\n== W2, {policy}: deploying {args.replicas} replicas ({kv_blocks} KV blocks each:"
+            f" {prefix_blocks} for prefixes + {room_blocks} for {room_requests} running requests)"
+        )
         url = deploy_and_wait(cfg)
         warm_up(url, args.model, 2 * args.replicas)
         wl = make_workload("W2", seed=args.seed, **wl_kwargs)
@@ -197,9 +231,13 @@ def run_w2(args: argparse.Namespace, port: int) -> tuple[dict[str, Any], dict[st
 
 
 def run_w1_fleetlm(args: argparse.Namespace, port: int) -> float:
-    engine = {"max_num_seqs": 64}
-    cfg = cluster_config(args.model, port, 1, "prefix_aware", args.imbalance, engine, 1.0)
-    print("\n== W1 over HTTP: fleetlm, 1 replica")
+    # The same cores as the vLLM peer: Ray sets a replica's OMP_NUM_THREADS from its num_cpus, and
+    # the engine's num_threads sets torch's thread count explicitly.
+    engine = {"max_num_seqs": 64, "num_threads": args.w1_threads}
+    cfg = cluster_config(
+        args.model, port, 1, "prefix_aware", args.imbalance, engine, float(args.w1_threads)
+    )
+    print(f"\n== W1 over HTTP: fleetlm, 1 replica, {args.w1_threads} CPUs / torch threads")
     url = deploy_and_wait(cfg)
     warm_up(url, args.model, 4)
     res = asyncio.run(
@@ -246,6 +284,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--replicas", type=int, default=2)
     p.add_argument("--imbalance", type=int, default=8, help="prefix_aware imbalance")
     p.add_argument("--kv-fraction", type=float, default=0.6, help="of the distinct prefix tokens")
+    p.add_argument(
+        "--room-requests",
+        type=int,
+        help="running requests whose own blocks (question + output) each replica's KV cache gets"
+        " beside the prefix share (default: concurrency / replicas; 0: the prefix share is all)",
+    )
     p.add_argument("--groups", type=int, default=16)
     p.add_argument("--prompts-per-group", type=int, default=16)
     p.add_argument("--prefix-len", type=int, default=512)
@@ -255,6 +299,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads-per-replica", type=int, default=1, help="torch threads per replica")
     p.add_argument("--cpus-per-replica", type=float, default=1.0, help="Ray CPUs per replica")
     p.add_argument("--num-cpus", type=int, default=8, help="logical CPUs of the local Ray head")
+    p.add_argument(
+        "--w1-threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="CPUs and torch threads of the W1 fleetlm replica (default: every core, like vLLM)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-w1", action="store_true", help="only the W2 policy comparison")
     p.add_argument("--vllm-python", help="Python of a venv with vLLM's CPU build (W1 peer)")
@@ -268,6 +318,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--policies: unknown {bad}")
     if not 0 < args.kv_fraction:
         p.error("--kv-fraction must be > 0")
+    if args.room_requests is not None and args.room_requests < 0:
+        p.error("--room-requests must be >= 0")
+    if args.w1_threads < 1:
+        p.error("--w1-threads must be >= 1")
     return args
 
 
