@@ -163,6 +163,9 @@ def test_index_many_adds_and_removals_keep_invariants():
         ("Convert a string to an integer", "Convert an integer to a string", "direction"),
         ("How many legs does a spider have?", "How many legs does an insect have?", "swap"),
         ("What is `os.path` for?", "What is `sys.path` for?", "key_terms"),
+        ("How long is a marathon?", "How long is a half marathon?", "key_terms"),
+        ("What is twelve times twelve?", "What is twelve times thirteen?", "key_terms"),
+        ("How do I double a number?", "How do I triple a number?", "key_terms"),
     ],
 )
 def test_guard_refuses_near_misses(a, b, rule):
@@ -178,6 +181,8 @@ def test_guard_refuses_near_misses(a, b, rule):
         ("Which planet is the biggest?", "What is the largest planet?"),
         ("Who painted the Mona Lisa?", "Who was the painter of the Mona Lisa?"),
         ("What's gold's chemical symbol?", "What is the chemical symbol for gold?"),
+        ("What is twelve times twelve?", "What is 12 times 12?"),
+        ("How do I merge two dicts in Python?", "How can I merge a pair of Python dicts?"),
     ],
 )
 def test_guard_lets_paraphrases_through(a, b):

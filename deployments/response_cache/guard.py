@@ -5,9 +5,11 @@ Mean-pooled sentence embeddings are nearly bag-of-words: "convert a string to an
 Fahrenheit" 0.91, above many true paraphrases. A cosine threshold alone cannot separate them, so a
 semantic hit must also pass these checks on the two texts (query q, stored candidate c):
 
-1. Key terms match as sets: numbers, capitalised words that are not common sentence words
-   (entities, units, products, Roman numerals), quoted strings and code-like tokens (``os.path``,
-   ``snake_case``, ``camelCase``). "France" vs "Germany", "12" vs "13", "WWI" vs "WWII".
+1. Key terms match as sets: numbers (number words count as their digits: "twelve" = "12", "a
+   pair" = "2"; half/quarter/double/triple/twice are numbers too), capitalised words that are not
+   common sentence words (entities, units, products, Roman numerals), quoted strings and code-like
+   tokens (``os.path``, ``snake_case``, ``camelCase``). "France" vs "Germany", "12" vs "13", "WWI"
+   vs "WWII", "a marathon" vs "a half marathon".
 2. Negation parity: both or neither contain a negation (not, no, never, without, n't).
 3. Polar words match as sets: a short lexicon of direction/extreme/opposite words
    (ascending/descending, largest/smallest, add/remove, ...), whose swap flips the answer but
@@ -109,6 +111,32 @@ _POLAR_CLASSES = {
     "lower": "lower lowercase",
 }
 POLAR_WORDS = {w: cls for cls, ws in _POLAR_CLASSES.items() for w in ws.split()}
+# Number words as key terms ("one" is left out: mostly a pronoun, "which one").
+_UNITS = "zero - two three four five six seven eight nine ten eleven twelve thirteen fourteen"
+_UNITS += " fifteen sixteen seventeen eighteen nineteen twenty"
+NUMBER_WORDS = {w: str(i) for i, w in enumerate(_UNITS.split()) if w != "-"}
+NUMBER_WORDS.update(
+    {
+        w: str(10 * i)
+        for i, w in enumerate("thirty forty fifty sixty seventy eighty ninety".split(), 3)
+    }
+)
+NUMBER_WORDS.update(
+    hundred="100",
+    thousand="1000",
+    million="1000000",
+    billion="1000000000",
+    dozen="12",
+    pair="2",
+    half="1/2",
+    halves="1/2",
+    quarter="1/4",
+    quarters="1/4",
+    double="x2",
+    twice="x2",
+    triple="x3",
+    thrice="x3",
+)
 
 
 def _sentence_start(text: str, pos: int) -> bool:
@@ -145,6 +173,8 @@ def features(text: str) -> TextFeatures:
         lw = w.lower().removesuffix("'s").removesuffix("’s")
         if w[0].isdigit():
             key.add(lw.replace(",", ""))
+        elif lw in NUMBER_WORDS:
+            key.add(NUMBER_WORDS[lw])
         elif w[0].isupper() and lw not in STOPWORDS and not _sentence_start(text, m.start()):
             # A sentence's first word is capitalised whatever it is ("Water boils..."), so it
             # only counts as a content word.
