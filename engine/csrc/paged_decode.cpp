@@ -5,7 +5,7 @@
 //   slots:  [B, Lmax] int64  (context slot of each position; only the first lens[b] are read)
 //   lens:   [B] int64
 // out:      [B, Hkv, G, D]
-// Work is split over (sequence, kv head) pairs with at::parallel_for (torch's intra-op threads).
+// Work is split over sequences with at::parallel_for (torch's intra-op threads).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cmath>
@@ -27,24 +27,30 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k, torch::Tensor v, to
   const int64_t* lp = lens.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
   const float sc = static_cast<float>(scale);
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(G * Lmax);
-    for (int64_t idx = begin; idx < end; ++idx) {
-      const int64_t b = idx / H, h = idx % H, L = lp[b];
-      const float* qb = qp + idx * G * D;
-      float* ob = op + idx * G * D;
+  // One task per sequence: each context slot's K (then V) row holds every KV head back to back
+  // ([Hkv, D] floats), so a task streams whole rows in slot order instead of H strided passes.
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(H * G * Lmax);
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t L = lp[b];
+      const int64_t* sb = sp + b * Lmax;
+      const float* qb = qp + b * H * G * D;
+      float* ob = op + b * H * G * D;
       for (int64_t l = 0; l < L; ++l) {
-        const float* kr = kp + (sp[b * Lmax + l] * H + h) * D;
-        for (int64_t g = 0; g < G; ++g) {
-          const float* qr = qb + g * D;
-          float s = 0.f;
+        const float* kslot = kp + sb[l] * H * D;
+        for (int64_t h = 0; h < H; ++h) {
+          const float* kr = kslot + h * D;
+          for (int64_t g = 0; g < G; ++g) {
+            const float* qr = qb + (h * G + g) * D;
+            float s = 0.f;
 #pragma omp simd reduction(+ : s)
-          for (int64_t d = 0; d < D; ++d) s += qr[d] * kr[d];
-          scores[g * L + l] = s * sc;
+            for (int64_t d = 0; d < D; ++d) s += qr[d] * kr[d];
+            scores[(h * G + g) * L + l] = s * sc;
+          }
         }
       }
-      for (int64_t g = 0; g < G; ++g) {
-        float* sg = scores.data() + g * L;
+      for (int64_t hg = 0; hg < H * G; ++hg) {
+        float* sg = scores.data() + hg * L;
         float m = -INFINITY;
         for (int64_t l = 0; l < L; ++l) m = sg[l] > m ? sg[l] : m;
         float z = 0.f;
@@ -52,14 +58,17 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k, torch::Tensor v, to
         const float inv = 1.f / z;
         for (int64_t l = 0; l < L; ++l) sg[l] *= inv;
       }
-      for (int64_t i = 0; i < G * D; ++i) ob[i] = 0.f;
+      for (int64_t i = 0; i < H * G * D; ++i) ob[i] = 0.f;
       for (int64_t l = 0; l < L; ++l) {
-        const float* vr = vp + (sp[b * Lmax + l] * H + h) * D;
-        for (int64_t g = 0; g < G; ++g) {
-          const float w = scores[g * L + l];
-          float* og = ob + g * D;
+        const float* vslot = vp + sb[l] * H * D;
+        for (int64_t h = 0; h < H; ++h) {
+          const float* vr = vslot + h * D;
+          for (int64_t g = 0; g < G; ++g) {
+            const float w = scores[(h * G + g) * L + l];
+            float* og = ob + (h * G + g) * D;
 #pragma omp simd
-          for (int64_t d = 0; d < D; ++d) og[d] += w * vr[d];
+            for (int64_t d = 0; d < D; ++d) og[d] += w * vr[d];
+          }
         }
       }
     }
