@@ -25,6 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from autoscaling.decide import Params
+from cluster.yaml_source import compose_mapping, format_problems, locate
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
 
@@ -35,12 +36,7 @@ class PolicyError(ValueError):
     def __init__(self, path: str, errors: list[tuple[int | None, str, str]]):
         self.path = path
         self.errors = errors
-        super().__init__(
-            "\n".join(
-                f"{path}:{line}: {fld}: {msg}" if line else f"{path}: {fld}: {msg}"
-                for line, fld, msg in errors
-            )
-        )
+        super().__init__(format_problems(path, errors))
 
 
 class ParamsSpec(BaseModel):
@@ -125,18 +121,7 @@ class Policy:
 
 def parse_policy(text: str, path: str = "<string>") -> Policy:
     """Validate YAML text; errors name `path`, the line and the field, and say what is allowed."""
-    try:
-        root = yaml.compose(text)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        problem = getattr(e, "problem", None) or str(e)
-        raise PolicyError(path, [(line, "(yaml)", f"invalid YAML: {problem}")]) from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise PolicyError(path, [(1, "(top level)", "must be a mapping with 'default'/'models'")])
+    data, root = compose_mapping(text, path, PolicyError, "a mapping with 'default'/'models'")
     return _validate(data, root, path)
 
 
@@ -157,7 +142,7 @@ def _validate(data: dict[str, Any], root: yaml.Node | None, path: str) -> Policy
     errors = []
     for name in spec.models:
         if not _NAME_RE.match(name):
-            line, fld = _locate(root, ("models", name))
+            line, fld = locate(root, ("models", name))
             errors.append((line, fld, f"model name must match {_NAME_RE.pattern}, got {name!r}"))
     policy = Policy(spec.default.given(), {k: v.given() for k, v in spec.models.items()})
     # Cross-field rules (min <= max, ...) hold for each model's merged parameters.
@@ -172,7 +157,7 @@ def _validate(data: dict[str, Any], root: yaml.Node | None, path: str) -> Policy
             names = [n for _, n in named]
             # Point at a named field written in this scope, else at the scope's own key.
             fld = next((n for n in names if n in own), names[0] if names else None)
-            line, where = _locate(root, scope + ((fld,) if fld else ()))
+            line, where = locate(root, scope + ((fld,) if fld else ()))
             errors.append((line, where, msg))
     if errors:
         raise PolicyError(path, sorted(errors, key=lambda e: e[0] or 0))
@@ -181,7 +166,7 @@ def _validate(data: dict[str, Any], root: yaml.Node | None, path: str) -> Policy
 
 def _describe(err: Any, root: yaml.Node | None) -> tuple[int | None, str, str]:
     loc = tuple(err["loc"])
-    line, fld = _locate(root, loc)
+    line, fld = locate(root, loc)
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
         allowed = list(ParamsSpec.model_fields) if len(loc) > 1 else list(PolicySpec.model_fields)
@@ -190,24 +175,3 @@ def _describe(err: Any, root: yaml.Node | None) -> tuple[int | None, str, str]:
         desc = ParamsSpec.model_fields[str(loc[-1])].description
         msg = f"{msg} ({desc})"
     return line, fld or "(top level)", msg
-
-
-def _locate(root: yaml.Node | None, loc: tuple[Any, ...]) -> tuple[int | None, str]:
-    """Walk an error location through the YAML node tree: (1-based line, dotted field path).
-
-    The line is that of the deepest key found; a part that isn't in the file (a missing field)
-    still joins the path, so the message names it."""
-    node = root
-    line = node.start_mark.line + 1 if node is not None else None
-    parts: list[str] = []
-    for part in loc:
-        parts.append(str(part))
-        if not isinstance(node, yaml.MappingNode):
-            continue
-        entry = next((kv for kv in node.value if getattr(kv[0], "value", None) == str(part)), None)
-        if entry is None:
-            node = None
-            continue
-        key, node = entry
-        line = key.start_mark.line + 1
-    return line, ".".join(parts)

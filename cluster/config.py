@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cluster.cli import CLIError
+from cluster.yaml_source import compose_mapping, format_problems, locate
 from deployments.response_cache.config import CacheConfig  # Ray-free pydantic schema
 from engine.config import EngineConfig
 
@@ -39,11 +40,7 @@ class ConfigError(CLIError, ValueError):
     def __init__(self, path: str, errors: list[tuple[int | None, str, str]]):
         self.path = path
         self.errors = errors
-        lines = [
-            f"{path}:{line}: {fld}: {msg}" if line else f"{path}: {fld}: {msg}"
-            for line, fld, msg in errors
-        ]
-        super().__init__("\n".join(lines))
+        super().__init__(format_problems(path, errors))
 
 
 class _Strict(BaseModel):
@@ -298,18 +295,7 @@ def default_config(model: str = "demo", name: str | None = None) -> ClusterConfi
 
 def parse_cluster_config(text: str, path: str = "<string>") -> ClusterConfig:
     """Validate YAML text; errors name `path`, the line and the field."""
-    try:
-        root = yaml.compose(text)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        problem = getattr(e, "problem", None) or str(e)
-        raise ConfigError(path, [(line, "(yaml)", f"invalid YAML: {problem}")]) from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(path, [(1, "(top level)", "must be a mapping with at least 'models'")])
+    data, root = compose_mapping(text, path, ConfigError, "a mapping with at least 'models'")
     try:
         return ClusterConfig.model_validate(data)
     except ValidationError as e:
@@ -328,7 +314,7 @@ def load_cluster_config(path: str | os.PathLike[str]) -> ClusterConfig:
 
 def _describe(err: Any, root: yaml.Node | None) -> tuple[int | None, str, str]:
     loc = tuple(err["loc"])
-    line, fld = _locate(root, loc)
+    line, fld = locate(root, loc)
     msg = err["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
@@ -340,43 +326,10 @@ def _describe(err: Any, root: yaml.Node | None) -> tuple[int | None, str, str]:
     elif loc and loc[-1] == "engine" and ": " in msg:
         # The engine validator names the offending option first; point at that option's line.
         option, rest = msg.split(": ", 1)
-        sub_line, sub_fld = _locate(root, (*loc, option))
+        sub_line, sub_fld = locate(root, (*loc, option))
         if sub_fld.endswith(f".{option}"):
             line, fld, msg = sub_line, sub_fld, rest
     return line, fld or "(top level)", msg
-
-
-def _locate(root: yaml.Node | None, loc: tuple[Any, ...]) -> tuple[int | None, str]:
-    """Walk pydantic's error `loc` through the YAML node tree: (1-based line, dotted field path).
-
-    The line is that of the deepest node reached (a mapping entry's key line). Parts of `loc` that
-    aren't YAML keys are pydantic's union-member tags (e.g. 'function-after[...]') and are skipped,
-    except an identifier-like part naming an absent (missing) field, which ends the path.
-    """
-    node = root
-    line = node.start_mark.line + 1 if node is not None else None
-    path = ""
-    for part in loc:
-        if isinstance(part, int):
-            if not isinstance(node, yaml.SequenceNode) or part >= len(node.value):
-                path += f"[{part}]"
-                break
-            node = node.value[part]
-            line = node.start_mark.line + 1
-            path += f"[{part}]"
-            continue
-        entry = None
-        if isinstance(node, yaml.MappingNode):
-            entry = next((kv for kv in node.value if getattr(kv[0], "value", None) == part), None)
-        if entry is None:
-            if re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", str(part)):
-                path += f".{part}" if path else str(part)
-                break
-            continue  # a union tag, not a key
-        key, node = entry
-        line = key.start_mark.line + 1
-        path += f".{part}" if path else str(part)
-    return line, path
 
 
 def _allowed_fields(loc: tuple[Any, ...]) -> list[str]:
