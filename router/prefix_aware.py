@@ -9,7 +9,9 @@
 #                prompt holding them less than assumed_ttl_s ago, even if r has since reported
 #                them evicted (router/prefix_index.py; default 30 s).
 #     load(r)  = num_waiting + num_running from r's last routing stats + requests this router sent r
-#                since those stats that have not completed yet (router/router_state.py).
+#                since those stats that have not completed yet, and never less than the requests
+#                this router has outstanding on r (a report is already old when it arrives;
+#                router/router_state.py).
 #     home(r)  = r is where this router itself last placed the matched prefix: h[match(r) - 1] is in
 #                r's history (assumed, not only reported), i.e. r got it by a cold or affinity
 #                decision within assumed_ttl_s (balance spills are not recorded, see below).

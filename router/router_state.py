@@ -1,7 +1,8 @@
 """What one router instance knows about its replicas, between their stats reports. Ray-free.
 
-Per replica: a PrefixIndex (reported cache + assumed blocks), the last parsed routing stats and the
-number of requests this router sent it since those stats. ``choose()`` runs the policy over that
+Per replica: a PrefixIndex (reported cache + assumed blocks), the last parsed routing stats, the
+number of requests this router sent it since those stats and the number it has outstanding there
+(the load is never taken below the latter). ``choose()`` runs the policy over that
 view and books the decision at once (the next request must see it, even before Ray confirms the
 send); ``on_routed()`` settles it when Ray reports where the request actually went (a full replica
 may have rejected it and Ray tried the next rank), and returns the reason to count.
@@ -31,10 +32,17 @@ class _Replica:
     # arrives: the report counts whatever is still queued or running by then).
     num_sent: int = 0
     epoch: int = 0  # bumped with every new report, so an undo never crosses a reset
+    # Requests this router booked here (chosen or routed) that have not completed: exact for this
+    # router's own traffic whatever the reports' age.
+    num_outstanding: int = 0
 
     @property
     def load(self) -> int:
-        return (self.stats.load if self.stats else 0) + self.num_sent
+        # A report is a snapshot taken some time before it arrives: requests sent in between are
+        # in neither it nor num_sent (reset on arrival). This router's outstanding count is a
+        # lower bound that is never stale; with several routers the report adds the others'.
+        reported = (self.stats.load if self.stats else 0) + self.num_sent
+        return max(reported, self.num_outstanding)
 
 
 @dataclass
@@ -114,11 +122,12 @@ class RouterState:
         decision = self.policy.choose(request_hashes, self.views(candidate_ids), session_id)
         r = self._get(decision.replica_id)
         r.num_sent += 1
+        r.num_outstanding += 1
         if decision.reason not in self._spill_reasons:
             r.index.assume(request_hashes)
         self._open[request_id] = _Booked(decision, r.epoch, list(request_hashes))
         while len(self._open) > MAX_OPEN_DECISIONS:
-            self._open.popitem(last=False)
+            self._undo(self._open.popitem(last=False)[1])
         return decision
 
     def on_routed(self, request_id: str, replica_id: str) -> str | None:
@@ -134,12 +143,13 @@ class RouterState:
             self._undo(booked)
             r = self._get(replica_id)
             r.num_sent += 1
+            r.num_outstanding += 1
             booked = _Booked(Decision(replica_id, "fallback"), r.epoch)
             reason = "fallback"
         booked.hashes = []  # not needed any more; keep the in-flight table small
         self._in_flight[request_id] = booked
         while len(self._in_flight) > MAX_IN_FLIGHT:
-            self._in_flight.popitem(last=False)
+            self._undo(self._in_flight.popitem(last=False)[1])
         return reason
 
     def on_completed(self, request_id: str) -> None:
@@ -151,11 +161,15 @@ class RouterState:
         self._undo(self._open.pop(request_id, None))
 
     def _undo(self, booked: _Booked | None) -> None:
-        # Assumed hashes stay (they expire); only the load count is given back.
+        # Assumed hashes stay (they expire); only the load counts are given back.
         if booked is None:
             return
         r = self._replicas.get(booked.decision.replica_id)
-        if r is not None and r.epoch == booked.epoch and r.num_sent > 0:
+        if r is None:
+            return
+        if r.num_outstanding > 0:
+            r.num_outstanding -= 1
+        if r.epoch == booked.epoch and r.num_sent > 0:
             r.num_sent -= 1
 
     def ranked(self, candidate_ids: Sequence[str], chosen: str) -> list[str]:

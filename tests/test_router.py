@@ -437,6 +437,28 @@ def test_state_completed_requests_leave_the_load():
     assert st.load("a") == 3
 
 
+def test_state_load_never_drops_below_own_outstanding_requests():
+    st = RouterState(RoundRobinPolicy())
+    ta = ReplicaCacheTracker(BS)
+    st.update_stats("a", report(ta))
+    for rid in ("r1", "r2", "r3"):
+        st.choose(rid, [], ["a"])
+    st.on_routed("r1", "a")
+    st.on_routed("r2", "a")
+    assert st.load("a") == 3  # r3 is chosen, not yet confirmed: it counts too
+    # A report taken before the three arrived: the reset must not forget them.
+    st.update_stats("a", report(ta, running=0))
+    assert st.load("a") == 3
+    st.on_completed("r1")
+    st.forget("r3")
+    assert st.load("a") == 1
+    # Another router's requests show in the report: it wins when larger.
+    st.update_stats("a", report(ta, waiting=2, running=3))
+    assert st.load("a") == 5
+    st.on_completed("r2")
+    assert st.load("a") == 5
+
+
 def test_request_fields_reads_the_ingress_contract():
     from types import SimpleNamespace
 
