@@ -11,13 +11,13 @@ by at most sum_k |x_k| * s_{n,k} / 2. The scale s is either
 
 Kernels (one linear of a 2-core AVX-512 CPU, torch 2.13, one thread, x [M, 512] @ W^T [512, 1408],
 median of 200 calls; bench/quantization.py --parts kernels measures them again):
-| path                                      | M=1      | M=32     |
-| fp32 matmul (unquantized)                 | 0.062 ms | 0.57 ms  |
-| per-channel, fp32: int8->fp32 cast, matmul, scale the output | 0.105 ms | 0.59 ms |
-| per-channel, bf16: `torch._weight_int8pack_mm` (aten's CPU int8 weight-only kernel) | 0.039 ms | 0.64 ms |
-| `torch._weight_int8pack_mm` with fp32 activations | 0.58 ms | 40 ms (an unvectorized path) |
-| per-group g=64, fp32: dequantize, then matmul | 0.177 ms | 0.72 ms |
-| per-group g=64, fp32: one bmm over the groups, scale, sum (used) | 0.103 ms | 0.72 ms |
+  path                                                           M=1        M=32
+  fp32 matmul (unquantized)                                      0.062 ms   0.57 ms
+  per-channel, fp32: int8 -> fp32 cast, matmul, scale output     0.105 ms   0.59 ms
+  per-channel, bf16: torch._weight_int8pack_mm (aten CPU kernel) 0.039 ms   0.64 ms
+  torch._weight_int8pack_mm, fp32 activations (unvectorized)     0.58 ms    40 ms
+  per-group g=64, fp32: dequantize, then matmul                  0.177 ms   0.72 ms
+  per-group g=64, fp32: one bmm over the groups, scale, sum      0.103 ms   0.72 ms (used)
 So fp32 activations use cast-matmul-scale (per channel) or the grouped bmm (per group), bf16
 activations on CPU with per-channel scales use the packed int8 kernel (the one fast path here),
 and everything else dequantizes the weight before the matmul (scaling the output of an unscaled
@@ -49,9 +49,7 @@ def _check_group_size(group_size: int | None, in_features: int) -> None:
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
         raise ValueError(f"group_size must be a positive integer or None, got {group_size!r}")
     if in_features % group_size:
-        raise ValueError(
-            f"group_size {group_size} must divide the input dimension {in_features}"
-        )
+        raise ValueError(f"group_size {group_size} must divide the input dimension {in_features}")
 
 
 def quantize_weight(
