@@ -376,8 +376,13 @@ class OpenAIIngress:
         out = dict(stored)
         out["id"] = ("chatcmpl-" if chat else "cmpl-") + rid
         out["created"] = int(time.time())
-        headers = {"x-fleetlm-cache": kind, "x-fleetlm-replica": "cache"}
-        rt_metrics(rt.name).cache_hit(kind, time.monotonic() - t0)
+        took = time.monotonic() - t0
+        headers = {
+            "x-fleetlm-cache": kind,
+            "x-fleetlm-replica": "cache",
+            "server-timing": f"cache;dur={took * 1000.0:.3f}",  # in the ingress, ms
+        }
+        rt_metrics(rt.name).cache_hit(kind, took)
         if not body.stream:
             return JSONResponse(out, headers=headers)
         writer = ChunkWriter(chat, rid, out["created"], rt.name, rt.token_text)

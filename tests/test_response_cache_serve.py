@@ -91,6 +91,10 @@ def test_exact_semantic_miss_and_tenants(base):
     assert again.headers["x-fleetlm-cache"] == "exact" and content(again) == content(first)
     sem = ask(base, KEY_A, para)
     assert sem.headers["x-fleetlm-cache"] == "semantic" and content(sem) == content(first)
+    # A hit says how long the ingress spent on it (ms), the figure bench/cache.py reports.
+    timing = sem.headers["server-timing"]
+    assert timing.startswith("cache;dur=") and float(timing.split("=")[1]) > 0
+    assert "server-timing" not in first.headers
     # Another tenant gets nothing of tenant A's, neither exact nor semantic.
     assert ask(base, KEY_B, q).headers["x-fleetlm-cache"] == "miss"
     # A near-miss with a different answer is generated, not served from the cache.

@@ -188,8 +188,9 @@ class MiniLMEmbedder:
         nh, hd = self.num_heads, self.hidden // self.num_heads
         x = self.word_emb[ids] + self.pos_emb[:s] + self.type0_emb  # [B, S, H]
         x = F.layer_norm(x, (self.hidden,), *self.emb_ln, eps=self.eps)
-        # Padding keys are masked out for every query: bool mask [B, 1, 1, S] (True = attend).
-        attn_mask = mask[:, None, None, :]
+        # Padding keys are masked out for every query: bool mask [B, 1, 1, S] (True = attend);
+        # none when nothing is padded (a lone prompt), which is the faster SDPA kernel.
+        attn_mask = None if bool(mask.all()) else mask[:, None, None, :]
         for w in self.layers:
             qkv = self._linear(x, w, "qkv")  # [B, S, 3H]
             q, k, v = qkv.view(b, s, 3, nh, hd).permute(2, 0, 3, 1, 4)  # each [B, nh, S, hd]
