@@ -179,9 +179,9 @@ class LLMEngine:
             return []
         self.num_steps += 1
         tokens_in = [r.token_ids + d for r, d in zip(reqs, sched.spec_token_ids, strict=True)]
+        # The draft model does not run here: its KV catches up in _propose, only for requests
+        # that speculate (a backed-off draft costs nothing).
         logits = self.runner.forward(sched, tokens_in)
-        if self.draft_runner is not None:
-            self.draft_runner.forward(sched, tokens_in)  # keep the draft's KV in step
         # Split logits rows: each sampling request owns 1 + len(drafts) consecutive rows.
         plain: list[tuple[Request, int]] = []
         spec: list[tuple[Request, int, list[int]]] = []
@@ -235,27 +235,35 @@ class LLMEngine:
             for r in eligible:
                 r.spec_token_ids = ngram_propose(r.token_ids, k, cfg.ngram_max, cfg.ngram_min)
             return
-        # Draft model: k greedy decode steps over the eligible batch, slots allocated up front.
+        # Draft model: k greedy steps over the eligible batch, slots allocated up front. The first
+        # catches the draft's KV up from what it last saw to the last known token (one chunk).
         batch = [r for r in eligible if self.block_manager.allocate(r, 1 + k)]
         if not batch:  # no free blocks for drafts this step
             return
         drafts: list[list[int]] = [[] for _ in batch]
+        computed = [self.spec.draft_valid(r) for r in batch]  # <= num_tokens - 1
         for j in range(k):
+            if j:
+                computed = [r.num_tokens - 1 + j for r in batch]
             out = SchedulerOutput(
                 req_ids=[r.request_id for r in batch],
-                num_scheduled_tokens=[1] * len(batch),
-                num_computed_tokens=[r.num_tokens - 1 + j for r in batch],
+                num_scheduled_tokens=[
+                    r.num_tokens + j - c for r, c in zip(batch, computed, strict=True)
+                ],
+                num_computed_tokens=computed,
                 block_tables=[r.block_table for r in batch],
                 sample=[True] * len(batch),
                 spec_token_ids=[[] for _ in batch],
             )
             logits = self.draft_runner.forward(
-                out, [r.token_ids + d for r, d in zip(batch, drafts)]
+                out, [r.token_ids + d for r, d in zip(batch, drafts, strict=True)]
             )
             for d, t in zip(drafts, torch.argmax(logits, dim=-1).tolist(), strict=True):
                 d.append(t)
         for r, d in zip(batch, drafts, strict=True):
             r.spec_token_ids = d
+            # KV now holds the known tokens and drafts d[0..k-2] (d[k-1] was never fed back).
+            self.spec.draft_wrote(r, r.num_tokens + k - 1)
 
     def _output(self, req: Request, new: list[int], lps) -> RequestOutput:
         detok = self.detoks[req.request_id]

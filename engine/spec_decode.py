@@ -12,6 +12,12 @@ Verification (all drafts of a batch are checked in the target's one forward of t
   p(y)/(1 - p(x))·[y≠x] = p(y): exactly the target distribution.
 Rejected draft tokens were written to KV but are not counted as computed; the scheduler rolls
 ``num_computed_tokens`` back and frees blocks only they needed.
+
+The draft model's KV (same block ids, its own tensors) is only written when it proposes: a request
+that is backed off (large batch, low acceptance) or waiting costs the draft nothing. When it becomes
+eligible again, the first draft forward catches the draft's KV up over every token it has not seen
+(one prefill-style chunk from ``SpecController.draft_valid``) and samples the first draft from its
+last row; in steady state that chunk is the one or two tokens the target added in verification.
 """
 
 from __future__ import annotations
@@ -108,6 +114,10 @@ class _Track:
     accepted: int = 0
     paused_until: int = 0
     history: list[tuple[int, int]] = field(default_factory=list)
+    # Draft model only: positions [0, draft_written) of the draft's KV hold what the draft computed
+    # (known tokens, then its own drafts), as of preemption count ``draft_preemptions``.
+    draft_written: int = 0
+    draft_preemptions: int = 0
 
 
 class SpecController:
@@ -150,6 +160,21 @@ class SpecController:
         if len(t.history) >= 4 and acc < self.cfg.min_acceptance * prop:
             t.paused_until = self.step + self.cfg.pause_steps
             t.history = []
+
+    def draft_valid(self, r: Request) -> int:
+        """How many leading tokens of ``r`` the draft model's KV holds correctly. The draft skips
+        steps while ``r`` is backed off (or being verified), so this can lag
+        ``num_computed_tokens``; its drafts past the accepted ones were rejected, and a preemption
+        freed the blocks (recompute starts the draft over as well)."""
+        t = self.tracks.get(r.request_id)
+        if t is None or t.draft_preemptions != r.num_preemptions:
+            return 0
+        return min(t.draft_written, r.num_computed_tokens)
+
+    def draft_wrote(self, r: Request, num_tokens: int) -> None:
+        t = self.tracks.setdefault(r.request_id, _Track())
+        t.draft_written = num_tokens
+        t.draft_preemptions = r.num_preemptions
 
     def forget(self, request_id: str) -> None:
         self.tracks.pop(request_id, None)

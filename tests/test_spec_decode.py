@@ -144,3 +144,53 @@ def test_draft_model_under_block_pressure_finishes_every_request():
     assert [len(r.token_ids) for r in res] == [40] * 10
     st = eng.stats()
     assert st.num_preemptions > 0 and st.num_free_blocks == st.num_total_blocks
+
+
+def test_backed_off_draft_skips_steps_and_catches_up():
+    """A request speculates alone, is backed off while three more run (the draft runs no forward
+    then), and resumes: the draft's first forward catches its KV up over the tokens decoded
+    meanwhile. Draft = target, so correct catch-up KV shows as near-total acceptance."""
+    path = resolve_model("demo-small")
+    spec = {"method": "draft_model", "model": path, "num_tokens": 3, "max_batch_size": 2}
+    eng = LLMEngine(EngineConfig(model=path, speculative=spec))
+    calls: list[tuple[int, list[int], list[int]]] = []
+    real_forward = eng.draft_runner.forward
+
+    def recording_forward(out, token_ids):
+        calls.append(
+            (len(eng.scheduler.running), out.num_computed_tokens, out.num_scheduled_tokens)
+        )
+        return real_forward(out, token_ids)
+
+    eng.draft_runner.forward = recording_forward
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(10, 4000, (n,), generator=g).tolist() for n in (40, 9, 17, 25)]
+    long = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    short = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    got: dict[str, list[int]] = {}
+
+    def run(until):
+        while eng.has_unfinished() and not until():
+            for o in eng.step():
+                got.setdefault(o.request_id, []).extend(o.new_token_ids)
+
+    eng.add_request("a", prompts[0], long)
+    run(lambda: len(got.get("a", [])) >= 8)
+    assert calls and eng.stats().spec_draft_tokens > 0  # "a" speculated alone
+    n_before = len(calls)
+    for i in (1, 2, 3):
+        eng.add_request(f"b{i}", prompts[i], short)
+    run(lambda: False)
+
+    ref = LLMEngine(EngineConfig(model=path))
+    want = [r.token_ids for r in ref.generate(prompts, [long, short, short, short])]
+    assert [got[rid] for rid in ("a", "b1", "b2", "b3")] == want
+    assert all(n_running <= 2 for n_running, _, _ in calls)  # backed off: no draft forward
+    # After the back-off, one forward covered the tokens "a" decoded while the draft slept.
+    catch_ups = [
+        (c, n) for _, comp, sched in calls[n_before:] for c, n in zip(comp, sched, strict=True)
+    ]
+    assert any(c > 0 and n > 4 for c, n in catch_ups)
+    st = eng.stats()
+    assert st.spec_accepted_tokens >= 0.9 * st.spec_draft_tokens
+    assert st.num_free_blocks == st.num_total_blocks
