@@ -123,9 +123,11 @@ class Int8Linear(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if self.group_size is None:
             return (self.qweight.float() * self.scale[:, None]).to(dtype)
+        # Computed input-major, the layout q is kept in: [G, g, N] * scale^T [G, 1, N], then
+        # returned as an [out, in] view (F.linear takes it as it is).
         n, k, g = self.out_features, self.in_features, self.group_size
-        w = self.qweight.reshape(n, k // g, g).float() * self.scale[:, :, None]
-        return w.reshape(n, k).to(dtype)
+        wt = self.qweight.t().to(dtype).view(k // g, g, n) * self.scale.t()[:, None, :].to(dtype)
+        return wt.view(k, n).t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dynamic_activations and x.dtype == torch.float32 and x.device.type == "cpu":
