@@ -18,7 +18,9 @@ median of 200 calls; bench/quantization.py --parts kernels measures them again):
   torch._weight_int8pack_mm, fp32 activations (unvectorized)     0.58 ms    40 ms
   per-group g=64, fp32: dequantize, then matmul                  0.177 ms   0.72 ms
   per-group g=64, fp32: one bmm over the groups, scale, sum      0.103 ms   0.72 ms (used)
-So fp32 activations use cast-matmul-scale (per channel) or the grouped bmm (per group), bf16
+So fp32 activations use cast-matmul-scale (per channel) or, per group, the bmm while there are
+fewer rows than group_size (decode; its [groups, M, N] partials outgrow the weight past that) and
+dequantize-then-matmul beyond (prefill), bf16
 activations on CPU with per-channel scales use the packed int8 kernel (the one fast path here),
 and everything else dequantizes the weight before the matmul (scaling the output of an unscaled
 int8 matmul, or summing unscaled group partials, could overflow fp16). torchao 0.18 installs and
@@ -135,7 +137,9 @@ class Int8Linear(nn.Module):
         elif x.dtype == torch.float32 and self.group_size is None:
             # Exact per-channel factorisation: (x @ q^T) * s == x @ (q * s)^T.
             y = F.linear(x, self.qweight.float()) * self.scale
-        elif x.dtype == torch.float32:
+        elif x.dtype == torch.float32 and x.numel() < self.in_features * self.group_size:
+            # Fewer rows than group_size (decode): the bmm's [G, M, N] partials are smaller than
+            # a dequantized [N, K] weight. Past that (prefill) dequantizing once is cheaper.
             y = self._forward_grouped_fp32(x)
         elif x.dtype == torch.bfloat16 and x.device.type == "cpu" and self.group_size is None:
             x2 = x.reshape(-1, self.in_features)  # kernel wants [M, K]

@@ -107,7 +107,7 @@ def test_bad_group_size_names_the_field(bad):
         quantize_int8(nn.Sequential(nn.Linear(256, 8)), group_size=bad)
 
 
-@pytest.mark.parametrize("batch_shape", [(1,), (5,), (2, 3)])
+@pytest.mark.parametrize("batch_shape", [(1,), (5,), (2, 3), (3, 40)])  # 120 rows: dequantize
 def test_grouped_linear_fp32_matches_dequantized_and_bound(batch_shape):
     lin = nn.Linear(192, 40, bias=True)
     with torch.no_grad():
