@@ -1,13 +1,14 @@
-"""W5 (repetition) decode speed with speculative decoding: none vs n-gram vs draft model, batch 1 and
-batch 16, in one run on the same engine settings and prompts.
+"""W5 (repetition) decode speed with speculative decoding: none vs n-gram vs draft model, batch 1
+and batch 16, in one run on the same engine settings and prompts.
 
-    python bench/speculative.py --json out/spec.json [--model demo] [--draft demo-small]
+    python bench/speculative.py --json out/spec.json [--model demo-copy] [--draft demo-copy-small]
 
 W5 prompts ask the model to repeat/continue text that is in the prompt (a passage given twice and
-started a third time), which is where prompt lookup helps a trained model. Note: the embedded demo
-models have random weights, so they do not actually copy; acceptance here measures the machinery on
-this model, not what a trained model gets. ``--draft-is-target`` adds an oracle row (draft = target,
-every draft accepted) that bounds what the verification path can gain on this machine.
+started a third time), which is where prompt lookup helps a model that copies. The default model,
+``demo-copy``, is the embedded demo model trained to continue text from its context (induction
+heads); ``demo-copy-small`` is its draft. ``--model demo`` runs the random-weight demo model, which
+never copies (acceptance ~0). ``--draft-is-target`` adds an oracle row (draft = target, every draft
+accepted) that bounds what the verification path can gain on this machine.
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ def decode_tok_s(engine: LLMEngine, prompts, out_len: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--model", default="demo")
-    ap.add_argument("--draft", default="demo-small", help="draft model (shares the tokenizer)")
+    ap.add_argument("--model", default="demo-copy", help="target model (demo name or HF folder)")
+    ap.add_argument("--draft", default="demo-copy-small", help="draft model (shares the tokenizer)")
     ap.add_argument("--num-tokens", type=int, default=4, help="drafts per step (k)")
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
@@ -64,15 +65,28 @@ def main() -> None:
     methods: dict[str, dict | None] = {
         "none": None,
         "ngram": {"method": "ngram", "num_tokens": args.num_tokens},
-        "draft_model": {"method": "draft_model", "model": args.draft, "num_tokens": args.num_tokens},
+        "draft_model": {
+            "method": "draft_model",
+            "model": args.draft,
+            "num_tokens": args.num_tokens,
+        },
     }
     if args.draft_is_target:
         methods["oracle_draft_is_target"] = {
-            "method": "draft_model", "model": args.model, "num_tokens": args.num_tokens,
+            "method": "draft_model",
+            "model": args.model,
+            "num_tokens": args.num_tokens,
         }
     engines = {m: LLMEngine(EngineConfig(model=path, speculative=s)) for m, s in methods.items()}
     prompts = w5_prompts(engines["none"].tokenizer, 16)
-    result: dict = {"batch1": {}, "batch16": {}, "acceptance": {}}
+    result: dict = {
+        "batch1": {},
+        "batch16": {},
+        "acceptance": {},
+        "model": args.model,
+        "draft": args.draft,
+        "num_tokens": args.num_tokens,
+    }
     with tqdm(total=len(methods) * 2 * args.repeats, desc="W5", unit="run") as bar:
         for batch in (1, 16):
             rates: dict[str, list[float]] = {m: [] for m in methods}
@@ -85,7 +99,10 @@ def main() -> None:
         st = eng.stats()
         if m != "none":
             result["acceptance"][m] = st.spec_accepted_tokens / max(1, st.spec_draft_tokens)
-    print(f"\nW5 decode output tok/s (k={args.num_tokens}, median of {args.repeats}):")
+    print(
+        f"\nW5 decode output tok/s, model {args.model}, draft {args.draft} "
+        f"(k={args.num_tokens}, median of {args.repeats}):"
+    )
     for b in ("batch1", "batch16"):
         base = result[b]["none"]
         row = ", ".join(f"{m} {v:.1f} ({v / base:.2f}x)" for m, v in result[b].items())

@@ -1,7 +1,8 @@
 """The embedded demo models: built locally and deterministically as ordinary HF folders (no hub).
 
-`resolve_model(name_or_path)` maps "demo" / "demo-small" to a cached folder (built on first use) and
-passes any local HF folder through. A build trains a byte-level BPE tokenizer on Python's own
+`resolve_model(name_or_path)` maps "demo" / "demo-small" (and the trained "demo-copy" /
+"demo-copy-small", see `write_copy_model`) to a cached folder (built on first use) and passes any
+local HF folder through. A build trains a byte-level BPE tokenizer on Python's own
 stdlib sources (a fixed, sorted, size-capped file list, so the same Python gives the same tokenizer)
 and fills a Llama model with seeded normal weights; the same inputs give byte-identical files.
 """
@@ -79,7 +80,7 @@ def demo_path(name: str) -> Path:
 
 def resolve_model(name_or_path: str, progress: bool = True) -> str:
     """Return a local HF folder for `name_or_path`, building the demo models on first use."""
-    if name_or_path in DEMO_SPECS:
+    if name_or_path in DEMO_SPECS or name_or_path in COPY_SPECS:
         return str(build_demo_model(name_or_path, progress=progress))
     path = Path(name_or_path).expanduser()
     if path.is_dir():
@@ -89,15 +90,16 @@ def resolve_model(name_or_path: str, progress: bool = True) -> str:
             )
         return str(path)
     raise ValueError(
-        f"model: {name_or_path!r} is neither 'demo', 'demo-small' nor an existing local HF model "
-        "folder (no model hub is reachable; download the model to a folder and pass its path)"
+        f"model: {name_or_path!r} is neither a demo model ({', '.join(DEMO_NAMES)}) nor an "
+        "existing local HF model folder (no model hub is reachable; download the model to a "
+        "folder and pass its path)"
     )
 
 
 def build_demo_model(name: str, progress: bool = True) -> Path:
     """Build `name` into the cache once; concurrent callers (several replicas) share a file lock."""
-    if name not in DEMO_SPECS:
-        raise ValueError(f"model: unknown demo model {name!r}; choose from {sorted(DEMO_SPECS)}")
+    if name not in DEMO_SPECS and name not in COPY_SPECS:
+        raise ValueError(f"model: unknown demo model {name!r}; choose from {list(DEMO_NAMES)}")
     final = demo_path(name)
     if (final / "config.json").is_file():
         return final
@@ -110,7 +112,10 @@ def build_demo_model(name: str, progress: bool = True) -> Path:
         # Build next to the final folder (same filesystem) so the rename is atomic.
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
         try:
-            write_demo_model(tmp, DEMO_SPECS[name], progress=progress)
+            if name in COPY_SPECS:
+                write_copy_model(tmp, COPY_SPECS[name], progress=progress)
+            else:
+                write_demo_model(tmp, DEMO_SPECS[name], progress=progress)
             if final.exists():  # a half-written folder from a crashed non-atomic copy
                 shutil.rmtree(final)
             os.rename(tmp, final)
@@ -280,3 +285,244 @@ def save_generation_config(out: Path) -> None:
         "do_sample": False,
     }
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True) + "\n")
+
+
+# -- trained copy models ---------------------------------------------------------------------
+# `demo` has random weights and never continues text from its prompt, which is what real models do
+# (induction heads) and what prompt-lookup speculation relies on. The "demo-copy" models do: a Llama
+# whose first two layers start as the induction circuit trained transformers learn (a previous-token
+# head, then a head that attends to the token after an earlier occurrence of the current token and
+# copies it), then trained on sequences that repeat earlier segments: random token spans and
+# windows of the tokenizer's corpus text. Same tokenizer as `demo`. Layers past the second (and the
+# unused heads and MLPs) start as identity (zero output projections) and are trained.
+#
+# Residual layout: dim 0 a constant; A = the token's own content vector (`content_dim` dims, fixed
+# random of equal norm, so the constant stays constant after RMSNorm); B = the previous token's
+# content (written by the previous-token head); C = the copied token's content (written by the
+# induction head), which the output head (C against the content vectors) reads. RoPE theta 1e8:
+# the previous-token head matches on the high-frequency pairs (peak at offset 1), the induction
+# head on the low-frequency ones (nearly position-free over the context).
+
+
+@dataclass(frozen=True)
+class CopySpec:
+    num_hidden_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    intermediate_size: int
+    content_dim: int
+    train_steps: int = 40
+    batch_size: int = 8
+    seq_len: int = 128
+    lr: float = 3e-4
+    rope_theta: float = 1e8
+    max_position_embeddings: int = 2048
+    seed: int = 4321
+    # Attention-logit margins of the two heads and the output logit of a copied token.
+    prev_margin: float = 12.0
+    match_margin: float = 20.0
+    copy_logit: float = 15.0
+
+
+COPY_SPECS: dict[str, CopySpec] = {
+    "demo-copy": CopySpec(4, 256, 2, 688, 64),
+    # Its draft model: same tokenizer, 2 layers, ~4x cheaper per token.
+    "demo-copy-small": CopySpec(2, 128, 1, 352, 32),
+}
+DEMO_NAMES = (*DEMO_SPECS, *COPY_SPECS)
+
+
+def make_copy_config(spec: CopySpec):
+    from transformers import LlamaConfig
+
+    ids = special_token_ids()
+    return LlamaConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_attention_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": spec.rope_theta},
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=ids[BOS],
+        eos_token_id=ids[EOS],
+        pad_token_id=ids[PAD],
+        dtype="float32",
+    )
+
+
+def init_copy_model(spec: CopySpec):
+    """The untrained starting point: seeded small weights plus the two-head induction circuit."""
+    import math
+
+    import torch
+    from transformers import LlamaForCausalLM
+
+    d, a = spec.hidden_size, spec.content_dim
+    heads = spec.num_attention_heads
+    hd = d // heads
+    half = hd // 2
+    if spec.num_hidden_layers < 2 or 3 * a + 1 > d or a > hd or a % 2:
+        raise ValueError(f"copy model: need >= 2 layers, 3*content_dim+1 <= hidden, got {spec}")
+    model = LlamaForCausalLM(make_copy_config(spec)).float().eval()
+    seeded_init_(model, 0.02, spec.seed)
+    g = torch.Generator().manual_seed(spec.seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.zero_()  # every residual branch starts as identity
+        content = torch.randn(VOCAB_SIZE, a, generator=g, dtype=torch.float32)
+        content *= a**0.5 / content.norm(dim=1, keepdim=True)
+        emb = model.model.embed_tokens.weight
+        emb.zero_()
+        emb[:, 0] = a**0.5
+        emb[:, 1 : 1 + a] = content
+        omega = [spec.rope_theta ** (-2 * i / hd) for i in range(half)]
+
+        # Layer 0, head 0: previous-token head. q and k read the constant dim only; k is q turned
+        # by one position's angle on every high-frequency pair, so q.k peaks at offset 1.
+        attn = model.model.layers[0].self_attn
+        for w in (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight):
+            w[:hd].zero_()
+        high = [i for i in range(half) if omega[i] > 0.02]
+        const = (d / 2) ** 0.5  # dim 0 after the layer's RMSNorm
+        s = spec.prev_margin * hd**0.5 / (const**2 * sum(1 - math.cos(omega[i]) for i in high))
+        s = s**0.5
+        for i in high:
+            attn.q_proj.weight[i, 0] = s
+            attn.k_proj.weight[i, 0] = s * math.cos(omega[i])
+            attn.k_proj.weight[i + half, 0] = s * math.sin(omega[i])
+        for i in range(a):
+            attn.v_proj.weight[i, 1 + i] = 1.0  # value = own content (A)
+            attn.o_proj.weight[1 + a + i, i] = (2 * a / d) ** 0.5  # -> B, same scale as A
+
+        # Layer 1, head 0: induction head. q = own content (A), k = previous token's content (B)
+        # on the low-frequency pairs; value = the attended token's content, written to C.
+        attn = model.model.layers[1].self_attn
+        for w in (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight):
+            w[:hd].zero_()
+        low = list(range(half - a // 2, half))
+        dims = low + [i + half for i in low]
+        scale = (d / (3 * a)) ** 0.5  # content after this layer's RMSNorm
+        s2 = (spec.match_margin * hd**0.5 / (scale**2 * a)) ** 0.5
+        for i, dim in enumerate(dims):
+            attn.q_proj.weight[dim, 1 + i] = s2
+            attn.k_proj.weight[dim, 1 + a + i] = s2
+        for i in range(a):
+            attn.v_proj.weight[i, 1 + i] = 1.0
+            attn.o_proj.weight[1 + 2 * a + i, i] = 1.0 / scale
+
+        head = model.lm_head.weight
+        head.zero_()
+        head[:, 1 + 2 * a : 1 + 3 * a] = content * (spec.copy_logit / (a * (d / (4 * a)) ** 0.5))
+    return model
+
+
+def corpus_token_ids(tokenizer) -> list[int]:
+    ids: list[int] = []
+    for text in iter_corpus():
+        ids.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+    return ids
+
+
+def repeat_batch(spec: CopySpec, g, corpus: list[int] | None):
+    """Sequences that repeat an earlier segment: [lead] P [sep] P [sep] P ... (seq_len tokens).
+    P is a random span or (half the rows, when given) a window of corpus text; lead and seps are
+    random. Returns token ids and a mask of positions whose next token is predictable (inside a
+    repeat of P, after its first token)."""
+    import torch
+
+    n, t = spec.batch_size, spec.seq_len
+    x = torch.zeros(n, t, dtype=torch.long)
+    mask = torch.zeros(n, t, dtype=torch.bool)
+
+    def rand(lo: int, hi: int) -> int:
+        return int(torch.randint(lo, hi, (1,), generator=g))
+
+    def span(length: int) -> list[int]:
+        return torch.randint(len(SPECIAL_TOKENS), VOCAB_SIZE, (length,), generator=g).tolist()
+
+    for row in range(n):
+        length = rand(4, max(5, min(64, t // 2)))
+        if corpus is not None and row % 2 and len(corpus) > length:
+            start = rand(0, len(corpus) - length)
+            passage = corpus[start : start + length]
+        else:
+            passage = span(length)
+        seq = span(rand(0, 16))
+        predictable = [False] * len(seq)
+        first = True
+        while len(seq) < t:
+            seq += passage
+            predictable += [False] + [not first] * (length - 1)
+            sep = span(rand(0, 4))
+            seq += sep
+            predictable += [False] * len(sep)
+            first = False
+        x[row] = torch.tensor(seq[:t])
+        # mask[i]: predicting token i + 1 from position i is a copy.
+        mask[row, :-1] = torch.tensor(predictable[1:t])
+    return x, mask
+
+
+def train_copy_model(model, spec: CopySpec, corpus: list[int] | None = None, progress=True):
+    """Train everything but the embeddings and the output head on `repeat_batch` data (AdamW,
+    warmup + cosine). Returns the per-step losses."""
+    import math
+
+    import torch
+    from tqdm import tqdm
+
+    g = torch.Generator().manual_seed(spec.seed + 1)
+    frozen = ("model.embed_tokens.weight", "lm_head.weight")
+    params = [p for n, p in model.named_parameters() if n not in frozen]
+    for n, p in model.named_parameters():
+        p.requires_grad_(n not in frozen)
+    opt = torch.optim.AdamW(params, lr=spec.lr, betas=(0.9, 0.98), weight_decay=0.0)
+    model.train()
+    losses: list[float] = []
+    bar = tqdm(range(spec.train_steps), desc="training copy model", disable=not progress)
+    warmup = max(1, spec.train_steps // 10)
+    for step in bar:
+        lr = spec.lr * min(1.0, (step + 1) / warmup)
+        lr *= 0.5 * (1 + math.cos(math.pi * step / spec.train_steps))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x, mask = repeat_batch(spec, g, corpus)
+        hidden = model.model(input_ids=x).last_hidden_state
+        logits = model.lm_head(hidden[mask])
+        loss = torch.nn.functional.cross_entropy(logits, x[:, 1:][mask[:, :-1]])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(float(loss.detach()))
+        bar.set_postfix_str(f"loss {losses[-1]:.3f}")
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return losses
+
+
+def make_copy_model(spec: CopySpec, corpus: list[int] | None = None, progress: bool = True):
+    import torch
+
+    torch.manual_seed(spec.seed)
+    model = init_copy_model(spec)
+    train_copy_model(model, spec, corpus, progress)
+    return model
+
+
+def write_copy_model(out: Path, spec: CopySpec, progress: bool = True) -> None:
+    """Tokenizer (the same as `demo`'s), then the trained copy model. Seeded and deterministic on a
+    given machine (CPU float sums may differ across thread counts / CPUs)."""
+    from transformers import AutoTokenizer
+
+    save_tokenizer(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    model = make_copy_model(spec, corpus_token_ids(tok), progress)
+    save_weights(model, out, progress)
+    save_generation_config(out)
