@@ -126,6 +126,22 @@ def test_packed_onednn_path_matches_plain_linear(embedder, monkeypatch):
     np.testing.assert_allclose(embedder.embed(texts), plain.embed(texts), atol=1e-5)
 
 
+def test_packed_batch_equals_each_prompt_alone(embedder):
+    """A batch is packed into shared rows (block-diagonal attention, positions per prompt): the
+    result must not depend on batch-mates, row breaks or padding."""
+    from deployments.response_cache.embedder import PACK_TOKENS
+
+    texts = [f"Question {i}: " + "why is the sky blue " * (i % 5) for i in range(14)]
+    texts.append("long " * 300)  # truncated to 256 tokens: a row of its own
+    batch = embedder.embed(texts)
+    ids, _, mask, _ = embedder._pack(embedder.tokenizer.encode_batch(texts))
+    assert ids.shape[0] >= 2 and mask is not None  # several rows, and some padding
+    assert ids.shape[1] >= PACK_TOKENS
+    alone = np.concatenate([embedder.embed([t]) for t in texts])
+    np.testing.assert_allclose(batch, alone, atol=1e-5)
+    assert np.isfinite(batch).all()
+
+
 def test_dtype_auto_and_bad_dtype():
     from deployments.response_cache.embedder import resolve_dtype
 
