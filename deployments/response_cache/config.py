@@ -73,7 +73,7 @@ class SemanticCacheConfig(BaseModel):
     embed_dtype: Literal["auto", "float32", "bfloat16", "int8"] = Field(
         "auto",
         description="Matmul precision of the embedding model. auto: bfloat16 where the CPU runs "
-        "it natively (similarities move by ~0.002, about 2x faster), else float32; int8: "
+        "it natively (similarities move by ~0.002, ~1.5x faster), else float32; int8: "
         "similarities move by up to ~0.03.",
     )
     embed_threads: int = Field(
