@@ -334,7 +334,9 @@ def main(argv: list[str] | None = None) -> int:
             del model
     if "hf" in parts:
         bf = copy.deepcopy(fp).bfloat16()
-        speed_models = {"fp32": fp} | variants | {"bf16": bf, "bf16_int8": quantize_int8(bf)}
+        bf_q = quantize_int8(copy.deepcopy(bf))
+        res["weight_bytes"] |= {"bf16": weight_bytes(bf), "bf16_int8": weight_bytes(bf_q)}
+        speed_models = {"fp32": fp} | variants | {"bf16": bf, "bf16_int8": bf_q}
         for name, batch in (("batch", prompts), ("batch1", prompts[:1])):
             r = res[name] = decode_rates(speed_models, batch, args.new_tokens, args.repeats)
             line = []
