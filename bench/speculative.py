@@ -23,16 +23,23 @@ import torch
 from tqdm import tqdm
 
 from engine.config import EngineConfig
-from engine.demo_model import resolve_model
+from engine.demo_model import corpus_token_ids, resolve_model
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 
 
-def w5_prompts(tokenizer, n: int, seed: int = 0) -> list[list[int]]:
+def w5_prompts(tokenizer, n: int, seed: int = 0, passages: str = "random") -> list[list[int]]:
+    """``passages``: "random" token spans, or "text": 48-token windows of the corpus the demo
+    tokenizer was trained on (prose and code, whose repeated words make copying ambiguous)."""
     g = torch.Generator().manual_seed(seed)
+    corpus = corpus_token_ids(tokenizer) if passages == "text" else None
     out = []
     for _ in range(n):
-        passage = torch.randint(10, 4000, (48,), generator=g).tolist()
+        if corpus is not None:
+            start = int(torch.randint(0, len(corpus) - 48, (1,), generator=g))
+            passage = corpus[start : start + 48]
+        else:
+            passage = torch.randint(10, 4000, (48,), generator=g).tolist()
         ask = tokenizer.encode("Repeat the following text exactly:\n")
         out.append(ask + passage + tokenizer.encode("\nAgain:\n") + passage + passage[:8])
     return out
@@ -58,6 +65,12 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--draft-is-target", action="store_true", help="add the oracle row")
+    ap.add_argument(
+        "--passages",
+        choices=["random", "text"],
+        default="random",
+        help="W5 passages: random token spans, or windows of real text (corpus)",
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -78,7 +91,7 @@ def main() -> None:
             "num_tokens": args.num_tokens,
         }
     engines = {m: LLMEngine(EngineConfig(model=path, speculative=s)) for m, s in methods.items()}
-    prompts = w5_prompts(engines["none"].tokenizer, 16)
+    prompts = w5_prompts(engines["none"].tokenizer, 16, passages=args.passages)
     result: dict = {
         "batch1": {},
         "batch16": {},
@@ -86,6 +99,7 @@ def main() -> None:
         "model": args.model,
         "draft": args.draft,
         "num_tokens": args.num_tokens,
+        "passages": args.passages,
     }
     with tqdm(total=len(methods) * 2 * args.repeats, desc="W5", unit="run") as bar:
         for batch in (1, 16):
@@ -100,8 +114,8 @@ def main() -> None:
         if m != "none":
             result["acceptance"][m] = st.spec_accepted_tokens / max(1, st.spec_draft_tokens)
     print(
-        f"\nW5 decode output tok/s, model {args.model}, draft {args.draft} "
-        f"(k={args.num_tokens}, median of {args.repeats}):"
+        f"\nW5 ({args.passages} passages) decode output tok/s, model {args.model}, "
+        f"draft {args.draft} (k={args.num_tokens}, median of {args.repeats}):"
     )
     for b in ("batch1", "batch16"):
         base = result[b]["none"]
