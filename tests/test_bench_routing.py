@@ -40,3 +40,16 @@ def test_targets_ratios():
     assert t["mean_ttft_ratio_vs_pow2"] == pytest.approx(0.3) and t["ttft_target_met"]
     t = targets({"W1_http": {"fleetlm": 90.0, "vllm": 100.0}})
     assert t["w1_ratio_vs_vllm"] == pytest.approx(0.9) and not t["w1_target_met"]
+
+
+def test_routing_sim_prefix_aware_keeps_groups_on_one_replica():
+    from bench.routing_sim import simulate
+
+    small = dict(groups=4, prompts_per_group=6, prefix_len=64, question_len=16, output_len=4)
+    small["concurrency"] = 4
+    pa = simulate("prefix_aware", kv_blocks=40, imbalance=100, **small)
+    rr = simulate("round_robin", kv_blocks=40, **small)
+    assert pa["decisions"]["cold"] == 4 and pa["groups_on_every_replica"] == 0
+    assert sum(pa["prefix_outcome"].values()) == 24 == sum(pa["decisions"].values())
+    assert rr["groups_on_every_replica"] == 4
+    assert pa["hit_rate"] > rr["hit_rate"]
