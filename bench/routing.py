@@ -330,11 +330,15 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
+    from cluster.ray_runtime import WORKER_NICENESS_ENV
     from engine.demo_model import resolve_model
 
     resolve_model(args.model)  # build the demo model once, before any replica needs it
     port = free_port()
     result: dict[str, Any] = {"command": " ".join(sys.argv)}
+    # Replicas at Ray's default worker nice 15 lose the cores to this client process (and to the
+    # vLLM peer, which runs at nice 0); `fleetlm up` starts its head at nice 0 too.
+    os.environ.setdefault(WORKER_NICENESS_ENV, "0")
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     try:
         result["W2"], result["W2_setup"] = run_w2(args, port)

@@ -38,6 +38,7 @@ from cluster.k8s_base import (
     render_base,
     render_base_objects,
 )
+from cluster.ray_runtime import WORKER_NICENESS_ENV
 from cluster.serve_config import render_serve_config
 
 NAME = "fleetlm"
@@ -140,7 +141,11 @@ def _container(name: str, cpu: str, memory: str, gpus: int, head: bool, env: lis
 
 
 def _env(cfg: ClusterConfig) -> list[dict]:
-    env: list[dict] = [{"name": "TOKENIZERS_PARALLELISM", "value": "false"}]
+    env: list[dict] = [
+        {"name": "TOKENIZERS_PARALLELISM", "value": "false"},
+        # Ray starts workers at nice 15 by default; the replicas are the workload here.
+        {"name": WORKER_NICENESS_ENV, "value": "0"},
+    ]
     for key in cfg.api_keys:
         if key.env is not None:
             ref = {"name": API_KEY_SECRET, "key": key.env}

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 AUTH_MODE_ENV = "RAY_AUTH_MODE"
+WORKER_NICENESS_ENV = "RAY_worker_niceness"  # Ray's worker_niceness setting (default 15)
 _PR_SET_PDEATHSIG = 1
 
 
@@ -159,6 +160,10 @@ def start_head(
     if num_cpus is not None:
         args.append(f"--num-cpus={num_cpus}")
     env = {**os.environ, AUTH_MODE_ENV: auth_mode}
+    # Ray starts worker processes at nice 15 so its own daemons win the CPU; on a serving node the
+    # replicas are the workload, and at nice 15 they lose cores to any other process (a client or
+    # benchmark on the same machine: about 10% of W1 over HTTP on 2 cores).
+    env.setdefault(WORKER_NICENESS_ENV, "0")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
