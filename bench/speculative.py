@@ -60,7 +60,11 @@ def decode_tok_s(engine: LLMEngine, prompts, out_len: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", default="demo-copy", help="target model (demo name or HF folder)")
-    ap.add_argument("--draft", default="demo-copy-small", help="draft model (shares the tokenizer)")
+    ap.add_argument(
+        "--draft",
+        default="demo-copy-small",
+        help="draft model (shares the tokenizer); none: no draft-model row",
+    )
     ap.add_argument("--num-tokens", type=int, default=4, help="drafts per step (k)")
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
@@ -78,12 +82,13 @@ def main() -> None:
     methods: dict[str, dict | None] = {
         "none": None,
         "ngram": {"method": "ngram", "num_tokens": args.num_tokens},
-        "draft_model": {
+    }
+    if args.draft != "none":
+        methods["draft_model"] = {
             "method": "draft_model",
             "model": args.draft,
             "num_tokens": args.num_tokens,
-        },
-    }
+        }
     if args.draft_is_target:
         methods["oracle_draft_is_target"] = {
             "method": "draft_model",
