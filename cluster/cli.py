@@ -1,5 +1,5 @@
-"""`fleetlm` command line. Each command group lives in its own module exposing ``register(subparsers)``;
-a registered parser sets ``func(args) -> int`` via ``set_defaults``."""
+"""`fleetlm` command line. Each command group lives in its own module exposing
+``register(subparsers)``; a registered parser sets ``func(args) -> int`` via ``set_defaults``."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import argparse
 import importlib
 import sys
 
-# Modules contributing subcommands, in --help order. A missing module is skipped so the CLI keeps working
-# while a command group is being built.
+# Modules contributing subcommands, in --help order. A missing module is skipped so the CLI keeps
+# working while a command group is being built.
 COMMAND_MODULES = [
     "cluster.cmd_serve",  # up, down, status
     "cluster.cmd_render",  # render serve-config, render k8s

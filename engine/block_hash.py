@@ -1,10 +1,11 @@
 """The one block-hash function shared by the engine's prefix cache and the router.
 
 A block's hash chains its parent's: ``h_i = hash((h_{i-1}, tuple(tokens_i), extra))``. Only *full*
-blocks are hashed. Python's hash of a tuple of ints is deterministic across processes (PYTHONHASHSEED
-only salts str/bytes), so the ingress process and every replica compute identical values. ``extra``
-must therefore hold ints only; strings (e.g. an adapter name) go through :func:`stable_int` first.
-Collisions are possible (64-bit), so the block pool also compares stored tokens on a hit.
+blocks are hashed. Python's hash of a tuple of ints is deterministic across processes
+(PYTHONHASHSEED only salts str/bytes), so the ingress process and every replica compute identical
+values. ``extra`` must therefore hold ints only; strings (e.g. an adapter name) go through
+:func:`stable_int` first. Collisions are possible (64-bit), so the block pool also compares stored
+tokens on a hit.
 """
 
 from __future__ import annotations

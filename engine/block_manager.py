@@ -1,9 +1,10 @@
-"""Paged KV cache bookkeeping: fixed-size blocks, block tables, ref counts, automatic prefix caching.
+"""Paged KV cache bookkeeping: fixed-size blocks, block tables, ref counts, automatic prefix
+caching.
 
-A block is either in use (ref_cnt > 0) or in the free queue. A free block may still hold a valid cached
-prefix (it keeps its hash); it is only forgotten when it is popped from the head of the free queue for
-reuse. Freed blocks go to the tail, so eviction is LRU. A request's blocks are freed tail-first, so the
-end of a prompt is evicted before its (more widely shared) beginning.
+A block is either in use (ref_cnt > 0) or in the free queue. A free block may still hold a valid
+cached prefix (it keeps its hash); it is only forgotten when it is popped from the head of the free
+queue for reuse. Freed blocks go to the tail, so eviction is LRU. A request's blocks are freed
+tail-first, so the end of a prompt is evicted before its (more widely shared) beginning.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ class Block:
 class FreeBlockQueue:
     """Doubly linked list of free blocks.
 
-    A linked list rather than a deque because a prefix-cache hit must take a block out of the *middle*
-    of the queue (it is free but cached, and now reused) in O(1).
+    A linked list rather than a deque because a prefix-cache hit must take a block out of the
+    *middle* of the queue (it is free but cached, and now reused) in O(1).
     """
 
     def __init__(self, blocks: list[Block]) -> None:
@@ -97,7 +98,8 @@ class BlockManager:
     def get_computed_blocks(self, req: Request) -> list[Block]:
         """Leading blocks of ``req`` already in the cache (not yet referenced by ``req``).
 
-        At least one token is always left to compute, so a fully cached prompt still produces logits.
+        At least one token is always left to compute, so a fully cached prompt still produces
+        logits.
         """
         if not self.enable_prefix_caching:
             return []

@@ -1,6 +1,6 @@
 """Optional CPU kernels, compiled once on first use with torch's C++ extension builder (cached under
-``~/.cache/torch_extensions``). When no compiler is present, or ``FLEETLM_CPU_KERNELS=0``, the engine
-uses the pure-torch attention path, which gives the same results."""
+``~/.cache/torch_extensions``). When no compiler is present, or ``FLEETLM_CPU_KERNELS=0``, the
+engine uses the pure-torch attention path, which gives the same results."""
 
 from __future__ import annotations
 

@@ -56,7 +56,8 @@ class IncrementalDetokenizer:
         return delta, hit
 
     def flush(self) -> str:
-        """Everything still held back (the request finished for a reason other than a stop string)."""
+        """Everything still held back (the request finished for a reason other than a stop
+        string)."""
         if self.text.endswith("\ufffd"):
             self.text = self.text.rstrip("\ufffd")
         delta = self.text[self.emitted :]

@@ -120,7 +120,8 @@ class LLMEngine:
         ]
         if bad:
             raise ValueError(
-                f"prompt contains token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}"
+                "prompt contains token ids outside the vocabulary "
+                f"[0, {self.vocab_size}): {bad[:5]}"
             )
         if n >= self.max_model_len:
             raise ValueError(

@@ -1,5 +1,5 @@
-"""Model runner: loads an HF causal LM, owns the paged KV cache, turns a SchedulerOutput into tensors,
-runs the forward with paged attention, and returns the logits of the rows that sample."""
+"""Model runner: loads an HF causal LM, owns the paged KV cache, turns a SchedulerOutput into
+tensors, runs the forward with paged attention, and returns the logits of the rows that sample."""
 
 from __future__ import annotations
 

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 
 @dataclass
 class SchedulerOutput:
-    """Scheduler -> model runner. Per scheduled request: how many new tokens to compute this step."""
+    """Scheduler -> model runner. Per scheduled request: how many new tokens to compute this
+    step."""
 
     req_ids: list[str]
     num_scheduled_tokens: list[int]  # aligned with req_ids

@@ -1,17 +1,18 @@
 """Paged attention plugged into transformers' attention interface (no copy of model code).
 
-The runner flattens a step's tokens into one row ``[1, T]`` (every request's new tokens back to back)
-and passes an ``AttentionMetadata`` through the model's forward kwargs; transformers hands it to
-:func:`paged_attention` for every layer with ``module.layer_idx``.
+The runner flattens a step's tokens into one row ``[1, T]`` (every request's new tokens back to
+back) and passes an ``AttentionMetadata`` through the model's forward kwargs; transformers hands it
+to :func:`paged_attention` for every layer with ``module.layer_idx``.
 
-KV cache per layer: ``k_cache[layer]``, ``v_cache[layer]`` of shape ``[num_blocks * block_size, Hkv, D]``
-(a slot = block_id * block_size + offset). Each layer first writes the step's new K/V into their slots,
-then attends:
+KV cache per layer: ``k_cache[layer]``, ``v_cache[layer]`` of shape
+``[num_blocks * block_size, Hkv, D]`` (a slot = block_id * block_size + offset). Each layer first
+writes the step's new K/V into their slots, then attends:
 - decode rows (1 new token): batched, K/V gathered from the cache into ``[B, Hkv, Lmax, D]``; GQA by
-  viewing the query as ``[B, Hkv, G, D]`` (query head h reads kv head h // G, as transformers' repeat_kv);
+  viewing the query as ``[B, Hkv, G, D]`` (query head h reads kv head h // G, as transformers'
+  repeat_kv);
 - prefill chunks: one SDPA each; a chunk with nothing cached before it reads K/V straight from the
-  current forward (no gather), otherwise it gathers its context and uses a causal mask shifted by the
-  number of tokens already computed.
+  current forward (no gather), otherwise it gathers its context and uses a causal mask shifted by
+  the number of tokens already computed.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def paged_attention(
     k_cache.index_copy_(0, meta.slot_mapping, k_new)
     v_cache.index_copy_(0, meta.slot_mapping, v_new)
 
-    num_heads, num_tokens, head_dim = query.shape[1], query.shape[2], query.shape[3]
+    num_heads, head_dim = query.shape[1], query.shape[3]
     num_kv_heads = key.shape[1]
     group = num_heads // num_kv_heads
     q_all = query[0].transpose(0, 1)  # [T, H, D]

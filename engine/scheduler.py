@@ -1,10 +1,10 @@
 """Scheduler: one token budget per step, running requests first, then waiting (FCFS).
 
-Each request's ``num_computed_tokens`` catches up with its ``num_tokens``; a step gives each scheduled
-request some of that gap. A decode is a gap of 1; a prompt is a large gap, cut into chunks when chunked
-prefill is on; prefix hits shrink it before the first chunk. Prefill and decode mix in one step.
-When blocks run out, the newest running request is preempted (its blocks freed, recomputed later from
-its prompt + output so far): never a crash, never a lost request.
+Each request's ``num_computed_tokens`` catches up with its ``num_tokens``; a step gives each
+scheduled request some of that gap. A decode is a gap of 1; a prompt is a large gap, cut into chunks
+when chunked prefill is on; prefix hits shrink it before the first chunk. Prefill and decode mix in
+one step. When blocks run out, the newest running request is preempted (its blocks freed, recomputed
+later from its prompt + output so far): never a crash, never a lost request.
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ class Scheduler:
         self.waiting.appendleft(req)
 
     def schedule(self) -> tuple[SchedulerOutput, list[Request]]:
-        """Pick this step's work. Returns the plain output for the runner and the Request objects."""
+        """Pick this step's work. Returns the plain output for the runner and the Request
+        objects."""
         budget = self.max_num_batched_tokens
         scheduled: list[tuple[Request, int]] = []
         preempted: list[str] = []
@@ -166,7 +167,8 @@ class Scheduler:
         return False
 
     def finish(self, req: Request, reason: str) -> None:
-        """Mark finished (stop string, abort, stop token...) — blocks are freed by _remove_finished."""
+        """Mark finished (stop string, abort, stop token...) — blocks are freed by
+        _remove_finished."""
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
 

@@ -16,11 +16,12 @@ class RequestStatus(enum.Enum):
 
 
 class Request:
-    """One request. Tokens known so far = prompt + output; ``num_computed_tokens`` of them are in KV.
+    """One request. Tokens known so far = prompt + output; ``num_computed_tokens`` of them are in
+    KV.
 
     Invariant: ``num_computed_tokens <= num_tokens``; the scheduler's only job is to make
-    ``num_computed_tokens`` catch up with ``num_tokens`` (that one rule covers chunked prefill, prefix
-    hits and recompute after preemption).
+    ``num_computed_tokens`` catch up with ``num_tokens`` (that one rule covers chunked prefill,
+    prefix hits and recompute after preemption).
     """
 
     def __init__(

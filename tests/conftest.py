@@ -1,4 +1,5 @@
-"""Shared fixtures. One Ray instance per test session (started lazily by the first test that needs it)."""
+"""Shared fixtures. One Ray instance per test session (started lazily by the first test that needs
+it)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """Greedy outputs of our engine are token-for-token those of transformers' generate(); seeded
-sampling repeats; bad input is refused with a ValueError naming the field while others keep running."""
+sampling repeats; bad input is refused with a ValueError naming the field while others keep
+running."""
 
 import math
 
@@ -75,7 +76,8 @@ def test_greedy_matches_hf_generate(model_path, reference, knobs):
     # Warm the prefix cache with the shared prefix so the batch sees real hits.
     eng.generate([prompts[-1]], GREEDY)
     res = eng.generate(prompts, GREEDY)
-    mismatches = [i for i, (r, ref) in enumerate(zip(res, reference)) if r.token_ids != ref]
+    pairs = enumerate(zip(res, reference, strict=True))
+    mismatches = [i for i, (r, ref) in pairs if r.token_ids != ref]
     assert mismatches == []
     stats = eng.stats()
     if knobs.get("enable_prefix_caching", True):

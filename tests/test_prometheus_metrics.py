@@ -109,9 +109,7 @@ def test_every_metric_exports_through_ray_agent(ray_session):
         time.sleep(1)
     assert wanted - found == set()
     ttft_sum = prom_name("time_to_first_token_seconds", "_sum")
-    ttft = [
-        ln for ln in text.splitlines() if ln.startswith(ttft_sum) and 'model="prom-test"' in ln
-    ]
+    ttft = [ln for ln in text.splitlines() if ln.startswith(ttft_sum) and 'model="prom-test"' in ln]
     # Ray 2.60 records a histogram's _sum as the midpoint of the observed value's bucket, not the
     # value: 0.2 lands in (0.1, 0.25].
     assert len(ttft) == 1 and 0.1 <= float(ttft[0].rsplit(" ", 1)[1]) <= 0.25, ttft

@@ -132,8 +132,10 @@ def test_shared_prefix_goes_to_replica_reporting_it_and_overload_is_skipped(cont
         # Two sends per group: before any report, cold requests alternate a, b, a, b, which
         # would satisfy a one-send-per-group probe by chance.
         _wait_for(
-            lambda: [_send(handle, _hashes(1, 99)) for _ in range(2)] == [a, a]
-            and [_send(handle, _hashes(2, 99)) for _ in range(2)] == [b, b],
+            lambda: (
+                [_send(handle, _hashes(1, 99)) for _ in range(2)] == [a, a]
+                and [_send(handle, _hashes(2, 99)) for _ in range(2)] == [b, b]
+            ),
             "routing stats to reach the router",
         )
         # Group 1 prompts all go to a, group 2 prompts all to b (unique last blocks differ).

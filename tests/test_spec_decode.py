@@ -1,5 +1,6 @@
-"""Speculative decoding: identical greedy output with each proposer, the rejection-sampling rule keeps
-the target distribution (chi-square, fixed seed), rollback frees exactly the draft-only blocks."""
+"""Speculative decoding: identical greedy output with each proposer, the rejection-sampling rule
+keeps the target distribution (chi-square, fixed seed), rollback frees exactly the draft-only
+blocks."""
 
 import pytest
 import torch
