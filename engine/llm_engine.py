@@ -228,7 +228,7 @@ class LLMEngine:
 
     def _propose(self, running: list[Request]) -> None:
         cfg = self.spec.cfg
-        eligible = self.spec.eligible(running)
+        eligible = self.spec.eligible(running, len(self.scheduler.waiting))
         if not eligible:
             return
         k = cfg.num_tokens

@@ -130,9 +130,13 @@ class SpecController:
         self.draft_tokens = 0
         self.accepted_tokens = 0
 
-    def eligible(self, running: list[Request]) -> list[Request]:
+    def eligible(self, running: list[Request], num_waiting: int = 0) -> list[Request]:
+        """Requests that get drafts this step. ``num_waiting``: requests queued behind the running
+        ones; they count toward the batch, so the first requests of a burst admitted over several
+        steps don't speculate (and, with a draft model, prefill the draft) only to back off as the
+        rest arrive."""
         self.step += 1
-        if len(running) > self.cfg.max_batch_size:
+        if len(running) + num_waiting > self.cfg.max_batch_size:
             return []  # large batch: the spare compute speculation needs isn't there
         out = []
         for r in running:

@@ -195,3 +195,20 @@ def test_backed_off_draft_skips_steps_and_catches_up():
     st = eng.stats()
     assert st.spec_accepted_tokens >= 0.9 * st.spec_draft_tokens
     assert st.num_free_blocks == st.num_total_blocks
+
+
+def test_back_off_counts_waiting_requests():
+    """A burst admitted over several steps: the first running requests must not speculate while
+    the rest of the (large) batch is still queued."""
+    from engine.spec_decode import SpecController
+
+    cfg = SpeculativeConfig.from_dict({"method": "ngram", "num_tokens": 2, "max_batch_size": 4})
+    ctl = SpecController(cfg)
+    running = []
+    for i in range(3):
+        r = Request(f"r{i}", [1, 2, 3, 4], SamplingParams(temperature=0), block_size=4)
+        r.num_computed_tokens = r.num_tokens - 1  # decoding: one token to compute
+        running.append(r)
+    assert [r.request_id for r in ctl.eligible(running)] == ["r0", "r1", "r2"]
+    assert [r.request_id for r in ctl.eligible(running, num_waiting=1)] == ["r0", "r1", "r2"]
+    assert ctl.eligible(running, num_waiting=2) == []  # 3 running + 2 queued > 4
