@@ -230,12 +230,25 @@ def special_token_ids() -> dict[str, int]:
     return {t: i for i, t in enumerate(SPECIAL_TOKENS)}
 
 
-def make_config(spec: DemoSpec):
+def llama_config(**shape):
+    """A Llama config over the demo tokenizer (its vocabulary and special ids), fp32, untied."""
     from transformers import LlamaConfig
 
     ids = special_token_ids()
     return LlamaConfig(
         vocab_size=VOCAB_SIZE,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=ids[BOS],
+        eos_token_id=ids[EOS],
+        pad_token_id=ids[PAD],
+        dtype="float32",
+        **shape,
+    )
+
+
+def make_config(spec: DemoSpec):
+    return llama_config(
         hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size,
         num_hidden_layers=spec.num_hidden_layers,
@@ -243,12 +256,6 @@ def make_config(spec: DemoSpec):
         num_key_value_heads=spec.num_key_value_heads,
         max_position_embeddings=spec.max_position_embeddings,
         initializer_range=spec.initializer_range,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        bos_token_id=ids[BOS],
-        eos_token_id=ids[EOS],
-        pad_token_id=ids[PAD],
-        dtype="float32",
     )
 
 
@@ -333,11 +340,7 @@ DEMO_NAMES = (*DEMO_SPECS, *COPY_SPECS)
 
 
 def make_copy_config(spec: CopySpec):
-    from transformers import LlamaConfig
-
-    ids = special_token_ids()
-    return LlamaConfig(
-        vocab_size=VOCAB_SIZE,
+    return llama_config(
         hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size,
         num_hidden_layers=spec.num_hidden_layers,
@@ -345,12 +348,6 @@ def make_copy_config(spec: CopySpec):
         num_key_value_heads=spec.num_attention_heads,
         max_position_embeddings=spec.max_position_embeddings,
         rope_parameters={"rope_type": "default", "rope_theta": spec.rope_theta},
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        bos_token_id=ids[BOS],
-        eos_token_id=ids[EOS],
-        pad_token_id=ids[PAD],
-        dtype="float32",
     )
 
 
