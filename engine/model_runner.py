@@ -142,7 +142,7 @@ class ModelRunner:
                 prefills.append(PrefillChunk(row, n, 0, None, None))
             else:
                 q_pos = torch.arange(start, ctx).unsqueeze(1)
-                mask = torch.arange(ctx).unsqueeze(0) <= q_pos  # [n, ctx]
+                mask = (torch.arange(ctx).unsqueeze(0) <= q_pos).to(self.device)  # [n, ctx]
                 prefills.append(
                     PrefillChunk(row, n, start, torch.from_numpy(all_slots).to(self.device), mask)
                 )
