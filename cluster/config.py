@@ -201,6 +201,11 @@ class RouterConfig(_Strict):
     stats_period_s: float = Field(
         1.0, gt=0, description="Seconds between replica routing-stats refreshes."
     )
+    output_channels: bool = Field(
+        True,
+        description="Tokens travel from a replica to the ingress through one stream per replica "
+        "(one message per engine step for all requests) instead of one stream per request.",
+    )
 
 
 class HttpConfig(_Strict):

@@ -24,6 +24,7 @@ ROUTER_CLASS = "deployments.request_router:PrefixAwareRouter"
 AUTOSCALING_MODULE = "deployments.autoscaling_policy"
 # Ongoing streams one ingress replica holds; each costs a coroutine, not a thread.
 INGRESS_MAX_ONGOING = 2048
+CHANNEL_SLOTS = 4  # per model replica: room for the ingress replicas' output channels
 # Replica drain on scale-down / redeploy: stop taking requests, then let running generations finish.
 GRACEFUL_SHUTDOWN_WAIT_LOOP_S = 2.0
 GRACEFUL_SHUTDOWN_TIMEOUT_S = 120.0
@@ -84,7 +85,8 @@ def server_options(cfg: ClusterConfig, mc: ModelConfig) -> dict[str, Any]:
         # at the caller (the ingress), up to one queue's worth per replica, then get a 429 with
         # Retry-After. Serve counts requests still being routed as queued too, so the caller
         # queue must absorb a burst, not only overflow.
-        "max_ongoing_requests": ec.max_num_seqs + mc.max_queued_requests,
+        # (+ CHANNEL_SLOTS: the ingresses' output channels are calls too.)
+        "max_ongoing_requests": ec.max_num_seqs + mc.max_queued_requests + CHANNEL_SLOTS,
         "max_queued_requests": mc.max_queued_requests * max_replicas(mc),
         "graceful_shutdown_wait_loop_s": GRACEFUL_SHUTDOWN_WAIT_LOOP_S,
         "graceful_shutdown_timeout_s": GRACEFUL_SHUTDOWN_TIMEOUT_S,

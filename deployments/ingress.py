@@ -7,6 +7,7 @@ Every error is an OpenAI error object; Serve's proxy adds ``x-request-id`` to ev
 """
 
 import asyncio
+import functools
 import hashlib
 import logging
 import time
@@ -35,6 +36,7 @@ from deployments.openai_format import (
     sse_error,
     usage_of,
 )
+from deployments.output_channel import ChannelMux, ChannelRequest
 from deployments.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -90,12 +92,16 @@ def _cancel(gen: Any) -> None:
 class Call:
     """One streamed handle call whose first message has arrived (so its status is known)."""
 
-    def __init__(self, gen: Any, first: dict[str, Any]) -> None:
-        self.gen = gen
+    def __init__(self, gen: Any, first: dict[str, Any] | None, replica: str = "") -> None:
+        self.gen = gen  # a handle's response stream, or an output_channel.ChannelRequest
         self.first = first
-        self.replica = first.get("replica", "")
+        self.replica = replica or (first or {}).get("replica", "")
 
     async def messages(self) -> AsyncIterator[dict[str, Any]]:
+        if isinstance(self.gen, ChannelRequest):
+            async for msg in self.gen.messages():  # closes (cancels the request) when done
+                yield msg
+            return
         try:
             yield self.first
             async for msg in self.gen:
@@ -104,6 +110,23 @@ class Call:
             # Client gone or request done: cancelling reaches the replica, which aborts the
             # engine request and frees its KV blocks (a no-op once the stream has ended).
             _cancel(self.gen)
+
+
+def _channel_id() -> str:
+    """This ingress process's channel id for one model (replicas key their outboxes on it)."""
+    return uuid.uuid4().hex
+
+
+async def _channel_stream(handle: Any, channel_id: str, replica: str) -> AsyncIterator[dict]:
+    """The output channel stream to ``replica`` (the router honours ``target_replica``)."""
+    gen = handle.options(stream=True).channel.remote(
+        {"channel": channel_id, "target_replica": replica}
+    )
+    try:
+        async for msg in gen:
+            yield msg
+    finally:
+        _cancel(gen)
 
 
 @serve.ingress(app)
@@ -118,6 +141,11 @@ class OpenAIIngress:
         self.runtimes: dict[str, ModelRuntime] = {
             mc.name: load_runtime(mc, servers[mc.name]) for mc in cfg.models
         }
+        if cfg.router.output_channels:
+            for rt in self.runtimes.values():
+                cid = _channel_id()
+                opener = functools.partial(_channel_stream, rt.handle, cid)
+                rt.channels = ChannelMux(opener, channel_id=cid)
         self.created = int(time.time())
 
     # -- routes -------------------------------------------------------------------------------
@@ -286,6 +314,14 @@ class OpenAIIngress:
         """Start the streamed call and wait for its first message: its status decides ours."""
         from ray.serve.exceptions import BackPressureError
 
+        sink = None
+        if rt.channels is not None:
+            try:
+                sink = rt.channels.register(rid)
+            except ValueError as e:
+                msg = f"x-request-id {rid!r} is already in flight"
+                raise APIError(400, msg, param="x-request-id") from e
+            req = {**req, "channel": rt.channels.channel_id}
         gen = rt.handle.options(stream=True).generate.remote(req)
         try:
             first = await gen.__anext__()
@@ -301,11 +337,35 @@ class OpenAIIngress:
             raise _internal(rid) from None
         except BaseException:
             _cancel(gen)  # e.g. the client left while we waited for the first token
+            if sink is not None:
+                rt.channels.unregister(rid)
             raise
         if "error" in first:
             _cancel(gen)
+            if sink is not None:
+                rt.channels.unregister(rid)
             raise APIError.from_dict(first["error"])
-        return Call(gen, first)
+        if sink is None:
+            return Call(gen, first)
+        return await self._open_channel_call(rt, req, rid, gen, sink, first["replica"])
+
+    async def _open_channel_call(
+        self, rt: ModelRuntime, req: dict[str, Any], rid: str, gen: Any, sink: Any, replica: str
+    ) -> Call:
+        """The request was admitted on ``replica``; its tokens come through that channel."""
+        choices = int(req.get("n", 1)) * len(req.get("prompts") or [None])
+        creq = ChannelRequest(rt.channels, rid, sink, gen, lambda: _cancel(gen), choices)
+        try:
+            await rt.channels.bind(rid, replica)
+            creq.replica = replica
+            first = await creq.first_message()
+        except BaseException:
+            creq.close()
+            raise
+        if first is not None and "error" in first:
+            creq.close()
+            raise APIError.from_dict(first["error"])
+        return Call(creq, None, replica)
 
     async def _deltas(self, call: Call) -> AsyncIterator[list[tuple[int, dict[str, Any]]]]:
         """Replica messages as [(choice index, delta)]; what piled up meanwhile comes as one."""

@@ -9,6 +9,10 @@ The ingress calls ``handle.options(stream=True).generate.remote(req)`` with::
 and reads messages ``{"replica": id, "outputs": [delta, ...]}`` (delta format: openai_format.py) or
 one ``{"error": {...}}`` (APIError.to_dict()). Errors travel as messages, not exceptions, so a bad
 parameter reaches the client as a 400 with its message instead of a wrapped Ray traceback.
+
+With ``req["channel"] = <channel id>`` the tokens travel instead through that ingress's output
+channel (``channel()``, deployments/output_channel.py: one message per step for all of its
+requests); the request's own stream then carries only ``{"replica": id}`` and a possible error.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from deployments.openai_format import merge_deltas
+from deployments.output_channel import ChannelHub, Outbox
 from deployments.protocol import APIError, param_from_message
 from deployments.stream_merge import StreamError, merge_coalesced
 from engine.config import EngineConfig
@@ -111,6 +116,7 @@ class LLMServer:
         self._tracker = _make_tracker(self.engine.block_size)
         self._metrics_task: asyncio.Task | None = None
         self._last_stats: Any = None
+        self.channels = ChannelHub()
         logger.info("LLMServer %s ready (model %s)", self.replica_id, self.model_name)
 
     # -- requests -----------------------------------------------------------------------------
@@ -147,12 +153,19 @@ class LLMServer:
         finished = 0
         start = time.monotonic()
         first = True
+        channel = req.get("channel")
+        box: Outbox | None = None
+        if channel is not None:
+            box = self.channels.request_started(str(channel))
+        replica_sent = False
         try:
+            if box is not None:
+                replica_sent = True
+                yield {"replica": self.replica_id}  # admitted; tokens follow on the channel
             async for batch in self._batches(jobs):
                 merged: dict[int, dict[str, Any]] = {}
                 for i, out in batch:
                     d = output_delta(i, out)
-                    merged[i] = merge_deltas(merged[i], d) if i in merged else d
                     if out.finished:
                         finished += 1
                         self.num_inflight -= 1
@@ -160,12 +173,19 @@ class LLMServer:
                         msg = out.error or "engine error"
                         yield {"error": APIError(500, msg, type="server_error").to_dict()}
                         return
-                msg: dict[str, Any] = {"outputs": list(merged.values())}
+                    if box is not None:
+                        box.put(rid, d)  # the channel sends it with the step's other deltas
+                    else:
+                        merged[i] = merge_deltas(merged[i], d) if i in merged else d
                 if first:
                     first = False
                     self.ttft.add(time.monotonic() - start)
-                    msg["replica"] = self.replica_id
-                yield msg
+                if box is None:
+                    msg: dict[str, Any] = {"outputs": list(merged.values())}
+                    if not replica_sent:
+                        replica_sent = True
+                        msg["replica"] = self.replica_id
+                    yield msg
         except StreamError as e:
             err = e.error
             if isinstance(err, ValueError):
@@ -179,6 +199,13 @@ class LLMServer:
         finally:
             # Closing merge_coalesced aborted every unfinished engine stream (blocks freed).
             self.num_inflight -= n - finished
+            if box is not None:
+                self.channels.request_ended(str(channel))
+
+    async def channel(self, req: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """The output channel of one ingress (``req["channel"]``): see output_channel.py."""
+        async for msg in self.channels.serve(str(req["channel"]), {"replica": self.replica_id}):
+            yield msg
 
     def _batches(
         self, jobs: list[tuple[str, list[int], SamplingParams]]

@@ -24,6 +24,7 @@ class ModelRuntime:
     block_size: int
     vocab_size: int
     cache: Any = None  # ResponseCacheLayer or None
+    channels: Any = None  # output_channel.ChannelMux to this model's replicas, or None
     _token_text: dict[int, str] = field(default_factory=dict)
 
     def encode(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:

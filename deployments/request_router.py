@@ -15,7 +15,8 @@ kwargs: ``policy`` (router/registry.py names; default prefix_aware), that policy
 Contract with the caller: ``handle.generate.remote(req)`` where ``req`` is a dict holding
 ``"block_hashes": list[int]`` (engine/block_hash.py over the prompt's token ids, the engine's block
 size) and optionally ``"session_id": str`` (for the session policy). A request without them routes
-as "cold". Replicas report ``record_routing_stats()`` from router.replica_stats.ReplicaCacheTracker.
+as "cold". A call with ``"target_replica": <replica unique id>`` (an output channel) goes to that
+replica. Replicas report ``record_routing_stats()`` from router.replica_stats.ReplicaCacheTracker.
 
 Everything here is non-blocking: the router reads the stats Ray already pushed to this process
 (``replica.routing_stats``), decides in memory (router/router_state.py) and returns ranks of one
@@ -62,6 +63,18 @@ def request_fields(pending_request: PendingRequest | None) -> tuple[list[int], s
             session = obj.get("session_id")
             return list(hashes), session if isinstance(session, str) else None
     return [], None
+
+
+def target_replica(pending_request: PendingRequest | None) -> str | None:
+    """The replica a call asks for by id (``{"target_replica": id}``: output channels), or None."""
+    if pending_request is None or not pending_request.args:
+        return None
+    obj = pending_request.args[0]
+    if isinstance(obj, dict):
+        target = obj.get("target_replica")
+        if isinstance(target, str):
+            return target
+    return None
 
 
 class _Counter:
@@ -126,6 +139,11 @@ class PrefixAwareRouter(RequestRouter):
         if not candidate_replicas:
             return []
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        target = target_replica(pending_request)
+        if target is not None:
+            # An output channel: not a request, so no decision is booked or counted. A replica
+            # that is gone answers as another one, and the caller sees that in its first message.
+            return [[by_id[target]]] if target in by_id else [[by_id[i]] for i in sorted(by_id)]
         ids = sorted(by_id)
         self._refresh(candidate_replicas)
         hashes, session_id = request_fields(pending_request)

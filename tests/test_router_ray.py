@@ -181,3 +181,21 @@ def test_full_replica_falls_back_to_next_rank_and_decisions_are_counted(control)
         assert after.get("fallback", 0) - before.get("fallback", 0) == 1
     finally:
         serve.delete("router_full")
+
+
+def test_a_call_naming_its_replica_goes_there_and_is_not_a_routing_decision(control):
+    from ray import serve
+
+    handle, (a, b) = _deploy(control, "router_target", assumed_ttl_s=0)
+    try:
+        assert handle.generate.remote({"target_replica": b}).result(timeout_s=30) == b
+        before = _decision_counts(handle)
+        for target in [a, b, b, a, b, a]:
+            got = handle.generate.remote({"target_replica": target}).result(timeout_s=30)
+            assert got == target
+        assert _decision_counts(handle) == before  # output channels are not requests
+        # A replica that is gone: the call still lands (on another one), never hangs.
+        got = handle.generate.remote({"target_replica": "gone"}).result(timeout_s=30)
+        assert got in (a, b)
+    finally:
+        serve.delete("router_target")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cluster.config import ClusterConfig
-from deployments.app import app_builder, server_name, server_options
+from deployments.app import CHANNEL_SLOTS, app_builder, server_name, server_options
 
 
 def _cfg(**model):
@@ -17,8 +17,9 @@ def test_fixed_replicas_capacity_and_drain():
     cfg = _cfg(num_replicas=3, max_queued_requests=5)
     o = server_options(cfg, cfg.models[0])
     assert o["name"] == "LLMServer-m" and o["num_replicas"] == 3
-    # Serve sends a replica what its engine runs plus its queue; the caller queues 5 per replica.
-    assert o["max_ongoing_requests"] == 13 and o["max_queued_requests"] == 15
+    # Serve sends a replica what its engine runs plus its queue (and the ingresses' output
+    # channels); the caller queues 5 per replica.
+    assert o["max_ongoing_requests"] == 13 + CHANNEL_SLOTS and o["max_queued_requests"] == 15
     assert o["graceful_shutdown_timeout_s"] >= 60  # running generations get time to finish
     assert o["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0.0}
 
