@@ -1,4 +1,4 @@
-"""Correctness, then W1, on an accelerator.
+"""Correctness, speculative decoding, int8, then W1 and a decode-step profile, on an accelerator.
 
 Correctness first: the greedy equivalence of tests/test_engine_equivalence.py on the device (its
 prompts: 20 of lengths 1..700, four sharing a 90-token prefix; its engine cases: default, chunked
@@ -7,16 +7,32 @@ random models (demo-small, a tiny Qwen2) in float32, against transformers' own g
 ``generate()`` on the same device; the prompts matching token-for-token are counted per case. A
 bfloat16 row of each case is reported for information only (batch-shape numerics flip near-ties).
 
-Then W1 with a Qwen2.5-0.5B-shaped model (random bf16 weights built from a config, no hub): our
-engine beside transformers' static ``generate()`` and ``generate_batch()`` in the same run, and the
-decode roofline bound for that batch (bandwidth measured here by a device copy).
+Speculative decoding on the device (``spec``), same tiny float32 models, the repetitive prompts of
+tests/test_spec_decode.py: greedy output with n-gram speculation (default knobs, and a chunked
+prefill + preemption case) and with a draft model must equal the engine's greedy output without
+speculation (acceptance reported); seeded sampled speculation (temperature, top-p) must run and
+repeat token-for-token on a fresh engine, and unseeded sampled speculation must run.
 
-    python3 bench/gpu_check.py --json OUT/gpu_check.json          # on the GPU machine
+int8 weights on the device (``int8``, information only): greedy agreement of the int8 engine with
+the float32 one (and with a float32 engine holding the dequantized weights) on the mixed prompts;
+bf16 + int8 and W8A8 (weight-only off the CPU) are run as well.
+
+Then W1 with a Qwen2.5-0.5B-shaped model (random bf16 weights built from a config, no hub): our
+engine beside transformers' static ``generate()`` (and ``generate_batch()`` unless skipped) in the
+same run, warmed with the full batch shape, runs interleaved, and the decode roofline bound for that
+batch (bandwidth measured here by a device copy). ``profile``: one batch-32 decode step of our
+engine on that model: wall time per step, the step split by phase (timers with a device sync at
+each boundary), and torch.profiler's summed device (kernel + copy) time per step; the rest of the
+step's wall time is when the device was idle, waiting on the host.
+
+    python3 bench/gpu_check.py --json OUT/gpu_check.json          # on the GPU machine, all parts
+    python3 bench/gpu_check.py --parts spec,int8,w1,profile       # skip what already ran
     python bench/gpu_check.py --device cpu --tiny                 # smoke test of the script here
 
 Roofline (WORKLOADS.md): decode tok/s <= batch * bandwidth / (weight bytes + KV bytes read per
 step); prefill ~= 2 * parameters FLOPs per token. The W1 bound adds both phases' lower times.
-The exit status is 1 when a float32 correctness case mismatches (the JSON is written first).
+The exit status is 1 when a float32 correctness case or a speculative check fails, or a part
+raises (the JSON, with every part's figures or error, is written first).
 """
 
 from __future__ import annotations
@@ -28,6 +44,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -246,14 +263,236 @@ def correctness(device: torch.device, tmp: Path) -> list[dict]:
     return rows
 
 
+PARTS = ("correctness", "spec", "int8", "w1", "profile")
+
+
+def tiny_model_paths(tmp: Path) -> dict[str, str]:
+    """The two tiny float32 random models of tests/test_engine_equivalence.py."""
+    from tiny_models import tiny_qwen2
+
+    from engine.demo_model import resolve_model
+
+    qwen = tmp / "qwen2-tiny"
+    return {
+        "demo-small": resolve_model("demo-small", progress=False),
+        "qwen2-tiny": str(qwen)
+        if qwen.exists()
+        else tiny_qwen2(qwen, max_position_embeddings=1024),
+    }
+
+
+def spec_check(device: torch.device, tmp: Path) -> dict:
+    """Speculative decoding on ``device``: greedy equality with the non-speculative engine, and
+    seeded sampled speculation repeating on a fresh engine."""
+    from test_spec_decode import repetitive_prompts
+    from tiny_models import tiny_llama
+
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+    from engine.sampling_params import SamplingParams
+
+    prompts = repetitive_prompts()
+    new = 32
+    greedy = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
+    draft = tiny_llama(tmp / "draft-llama")  # a different, smaller model: real rejections
+    cases = [
+        ("ngram", {"method": "ngram"}, {}),
+        (
+            "ngram chunked+preempt",
+            {"method": "ngram"},
+            {"num_kv_blocks": 48, "max_num_batched_tokens": 48},
+        ),
+        ("draft_model", {"method": "draft_model", "model": draft}, {}),
+        ("draft_model (self)", {"method": "draft_model"}, {}),  # draft = target: acceptance
+    ]
+    rows = []
+    for model_name, path in tiny_model_paths(tmp).items():
+        base = dict(model=path, device=str(device), dtype="float32")
+        cases[-1][1]["model"] = path
+        ref = [r.token_ids for r in LLMEngine(EngineConfig(**base)).generate(prompts, greedy)]
+        for case, spec, knobs in cases:
+            t = time.perf_counter()
+            spec = {**spec, "num_tokens": 4, "max_batch_size": 64}
+            eng = LLMEngine(EngineConfig(**base, speculative=spec, **knobs))
+            eng.generate(prompts[-2:], greedy)  # warm the prefix cache (as the test does)
+            got = [r.token_ids for r in eng.generate(prompts, greedy)]
+            st = eng.stats()
+            match = sum(a == b for a, b in zip(got, ref, strict=True))
+            row = {
+                "model": model_name,
+                "case": case,
+                "sampling": "greedy",
+                "prompts": len(prompts),
+                "matching_non_speculative": match,
+                "draft_tokens": st.spec_draft_tokens,
+                "accepted_tokens": st.spec_accepted_tokens,
+                "acceptance": round(st.spec_accepted_tokens / max(1, st.spec_draft_tokens), 3),
+                "num_steps": st.num_steps,
+                "num_preemptions": st.num_preemptions,
+                "all_blocks_freed": st.num_free_blocks == st.num_total_blocks,
+                "seconds": round(time.perf_counter() - t, 2),
+            }
+            row["ok"] = (
+                match == len(prompts)
+                and st.spec_draft_tokens > 0
+                and row["all_blocks_freed"]
+                and (not knobs or st.num_preemptions > 0)
+            )
+            rows.append(row)
+            print(
+                f"  spec {model_name:10s} {case:22s} greedy {match}/{len(prompts)} equal, "
+                f"acceptance {row['acceptance']:.2f} ({st.spec_accepted_tokens}/"
+                f"{st.spec_draft_tokens}), preemptions {st.num_preemptions}"
+                + ("" if row["ok"] else "  <-- FAIL"),
+                flush=True,
+            )
+            del eng
+        # Sampled: seeded requests repeat on a fresh engine; unseeded ones (the engine's default
+        # generator) run. Rejection sampling draws on the device's generator.
+        for case, spec in (cases[0][:2], cases[3][:2]):
+            spec = {**spec, "num_tokens": 4, "max_batch_size": 64}
+            # Half at temperature 0.8 / top-p 0.95 (rejections: random models are flat), half at
+            # 0.05 (acceptances): both branches of the rejection sampler run.
+            seeded = [
+                SamplingParams(
+                    temperature=0.05 if i % 2 else 0.8,
+                    top_p=1.0 if i % 2 else 0.95,
+                    seed=100 + i,
+                    max_tokens=new,
+                    ignore_eos=True,
+                )
+                for i in range(len(prompts))
+            ]
+            runs, stats = [], []
+            for _ in range(2):
+                eng = LLMEngine(EngineConfig(**base, speculative=spec))
+                runs.append([r.token_ids for r in eng.generate(prompts, seeded)])
+                stats.append(eng.stats())
+                del eng
+            eng = LLMEngine(EngineConfig(**base, speculative=spec))
+            unseeded = SamplingParams(temperature=1.0, max_tokens=new, ignore_eos=True)
+            free = eng.generate(prompts, unseeded)
+            st = stats[0]
+            row = {
+                "model": model_name,
+                "case": case,
+                "sampling": "seeded; temperature 0.8 top_p 0.95 / 0.05 alternating",
+                "prompts": len(prompts),
+                "repeat_identical": sum(a == b for a, b in zip(*runs, strict=True)),
+                "draft_tokens": st.spec_draft_tokens,
+                "accepted_tokens": st.spec_accepted_tokens,
+                "acceptance": round(st.spec_accepted_tokens / max(1, st.spec_draft_tokens), 3),
+                "unseeded_run_tokens": sum(len(r.token_ids) for r in free),
+                "unseeded_draft_tokens": eng.stats().spec_draft_tokens,
+            }
+            row["ok"] = (
+                row["repeat_identical"] == len(prompts)
+                and all(len(t) == new for t in runs[0])
+                and st.spec_draft_tokens > 0
+                and row["unseeded_run_tokens"] == new * len(prompts)
+            )
+            rows.append(row)
+            print(
+                f"  spec {model_name:10s} {case:22s} sampled: repeat {row['repeat_identical']}/"
+                f"{len(prompts)}, acceptance {row['acceptance']:.2f} ({st.spec_accepted_tokens}/"
+                f"{st.spec_draft_tokens}), unseeded run {row['unseeded_run_tokens']} tokens"
+                + ("" if row["ok"] else "  <-- FAIL"),
+                flush=True,
+            )
+            del eng
+        empty_cache(device)
+    return {"all_ok": all(r["ok"] for r in rows), "new_tokens": new, "rows": rows}
+
+
+def agreement(got: list[list[int]], ref: list[list[int]]) -> dict:
+    """Prompts identical, and the mean share of each output before its first divergence."""
+    prefix = []
+    for a, b in zip(got, ref, strict=True):
+        n = next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(b))
+        prefix.append(n / len(b))
+    return {
+        "identical": sum(a == b for a, b in zip(got, ref, strict=True)),
+        "prompts": len(ref),
+        "mean_prefix_agreement": round(statistics.mean(prefix), 3),
+    }
+
+
+def int8_check(device: torch.device, tmp: Path) -> dict:
+    """int8 weights on ``device``: greedy agreement with the unquantized engine (information)."""
+    from test_engine_equivalence import mixed_prompts
+
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+    from engine.quantization import Int8Linear
+    from engine.sampling_params import SamplingParams
+
+    prompts = mixed_prompts()
+    new = 32
+    greedy = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
+    rows = []
+    for model_name, path in tiny_model_paths(tmp).items():
+        for dtype, quant in (("float32", "int8"), ("float32", "int8-w8a8"), ("bfloat16", "int8")):
+            t = time.perf_counter()
+            base = dict(model=path, device=str(device), dtype=dtype)
+            ef = LLMEngine(EngineConfig(**base))
+            ref = [r.token_ids for r in ef.generate(prompts, greedy)]
+            eq = LLMEngine(EngineConfig(**base, quantization=quant))
+            layers = {n: m for n, m in eq.runner.model.named_modules() if isinstance(m, Int8Linear)}
+            got = [r.token_ids for r in eq.generate(prompts, greedy)]
+            row = {
+                "model": model_name,
+                "dtype": dtype,
+                "quantization": quant,
+                "int8_layers": len(layers),
+                "vs_unquantized": agreement(got, ref),
+            }
+            if quant == "int8" and dtype == "float32":
+                # The same engine holding the dequantized weights: equal up to summation order.
+                with torch.no_grad():
+                    for name, mod in layers.items():
+                        ef.runner.model.get_submodule(name).weight.copy_(mod.dequantized_weight())
+                ef.block_manager.reset_prefix_cache()
+                deq = [r.token_ids for r in ef.generate(prompts, greedy)]
+                row["vs_dequantized_fp32"] = agreement(got, deq)
+            row["seconds"] = round(time.perf_counter() - t, 2)
+            rows.append(row)
+            v = row["vs_unquantized"]
+            print(
+                f"  int8 {model_name:10s} {dtype:8s} {quant:9s} vs unquantized: "
+                f"{v['identical']}/{v['prompts']} identical, mean prefix agreement "
+                f"{v['mean_prefix_agreement']:.2f}"
+                + (
+                    f"; vs dequantized fp32 {row['vs_dequantized_fp32']['identical']}/"
+                    f"{row['vs_dequantized_fp32']['prompts']}"
+                    if "vs_dequantized_fp32" in row
+                    else ""
+                ),
+                flush=True,
+            )
+            del ef, eq
+            empty_cache(device)
+    return {"new_tokens": new, "rows": rows}
+
+
+def empty_cache(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument(
+        "--parts",
+        default=",".join(PARTS),
+        help=f"comma-separated, run in the order given, from: {','.join(PARTS)}",
+    )
     ap.add_argument("--tiny", action="store_true", help="a 2-layer model for W1 (smoke test)")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--num-prompts", type=int, default=32)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--profile-steps", type=int, default=10)
     ap.add_argument("--skip-generate-batch", action="store_true")
     ap.add_argument(
         "--batch-time-cap-s",
@@ -261,23 +500,28 @@ def main() -> None:
         default=45.0,
         help="a generate_batch() run slower than this is not repeated",
     )
-    ap.add_argument("--skip-correctness", action="store_true")
-    ap.add_argument("--correctness-only", action="store_true")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    for name in ("repeats", "num_prompts", "prompt_len", "output_len"):
+    for name in ("repeats", "num_prompts", "prompt_len", "output_len", "profile_steps"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.skip_correctness and args.correctness_only:
-        ap.error("--skip-correctness and --correctness-only exclude each other")
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    bad = sorted(set(parts) - set(PARTS))
+    if bad or not parts:
+        ap.error(f"--parts: unknown or empty {bad}; choose from {','.join(PARTS)}")
 
     import transformers
 
     device = torch.device(args.device)
+    # float32 means float32: no TF32 in matmuls (torch's default, stated here).
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
     result: dict = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "transformers": transformers.__version__,
+        "parts": parts,
+        "errors": {},
     }
     print(result, flush=True)
 
@@ -287,73 +531,128 @@ def main() -> None:
             with open(args.json, "w") as f:
                 json.dump(result, f, indent=2)
 
-    correct_ok = True
+    def run_part(name: str, fn) -> None:
+        """One part's figures or its error; a part failing must not lose the others."""
+        t = time.perf_counter()
+        print(f"== {name}", flush=True)
+        try:
+            fn()
+        except Exception as e:
+            result["errors"][name] = traceback.format_exc()[-3000:]
+            print(f"{name} FAILED: {type(e).__name__}: {e}", flush=True)
+            traceback.print_exc()
+        result.setdefault("part_seconds", {})[name] = round(time.perf_counter() - t, 1)
+        save()
+
     with tempfile.TemporaryDirectory() as d:
-        if not args.skip_correctness:
-            print("correctness: fleetlm greedy vs transformers generate() greedy", flush=True)
-            t = time.perf_counter()
-            rows = correctness(device, Path(d))
+        tmp = Path(d)
+
+        def do_correctness() -> None:
+            rows = correctness(device, tmp)
             fp32 = [r for r in rows if r["dtype"] == "float32"]
-            correct_ok = all(r["ok"] for r in fp32)
             result["correctness"] = {
-                "float32_all_match": correct_ok,
+                "float32_all_match": all(r["ok"] for r in fp32),
                 "float32_matching": f"{sum(r['matching'] for r in fp32)}/"
                 f"{sum(r['prompts'] for r in fp32)}",
-                "seconds": round(time.perf_counter() - t, 1),
                 "rows": rows,
             }
             print(
                 "correctness float32:",
-                "all match" if correct_ok else "MISMATCH",
+                "all match" if result["correctness"]["float32_all_match"] else "MISMATCH",
                 result["correctness"]["float32_matching"],
                 flush=True,
             )
-            save()
-        if not args.correctness_only:
-            result.update(w1(args, device, Path(d)))
-            save()
-    print(json.dumps({k: v for k, v in result.items() if k != "correctness"}, indent=2))
-    w1_bound = result.get("w1_bound_tok_s")
-    for k, v in result.get("output_tok_s", {}).items():
+
+        def do_spec() -> None:
+            result["spec"] = spec_check(device, tmp)
+            print("spec:", "all ok" if result["spec"]["all_ok"] else "FAIL", flush=True)
+
+        def do_int8() -> None:
+            result["int8"] = int8_check(device, tmp)
+
+        w1_state: dict = {}
+
+        def do_w1() -> None:
+            result["w1"] = w1(args, device, tmp, w1_state)
+
+        def do_profile() -> None:
+            result["profile"] = profile_decode_step(args, device, tmp, w1_state)
+
+        fns = {
+            "correctness": do_correctness,
+            "spec": do_spec,
+            "int8": do_int8,
+            "w1": do_w1,
+            "profile": do_profile,
+        }
+        for name in dict.fromkeys(parts):  # in the order given
+            run_part(name, fns[name])
+    summary = {k: v for k, v in result.items() if k not in ("correctness", "spec", "int8")}
+    print(json.dumps(summary, indent=2))
+    w1r = result.get("w1", {})
+    for k, v in w1r.get("output_tok_s", {}).items():
         if v:
-            print(f"  {k:18s} {v:9.1f} tok/s  ({v / w1_bound:.1%} of the W1 roofline bound)")
-    if not correct_ok:
+            print(f"  {k:18s} {v:9.1f} tok/s  ({v / w1r['w1_bound_tok_s']:.1%} of the W1 bound)")
+    failed = list(result["errors"])
+    if "correctness" in result and not result["correctness"]["float32_all_match"]:
+        failed.append("correctness")
+    if "spec" in result and not result["spec"]["all_ok"]:
+        failed.append("spec")
+    if failed:
+        print("FAILED:", failed, flush=True)
         sys.exit(1)
 
 
-def w1(args, device: torch.device, tmp: Path) -> dict:
+def w1_engine_and_model(args, device: torch.device, tmp: Path, state: dict):
+    """The W1 model folder, our engine and transformers' model on it (built once, shared by the w1
+    and profile parts)."""
+    if "engine" in state:
+        return state["engine"], state["hf"], state["prompts"]
     from transformers import AutoModelForCausalLM
 
-    from bench.engine_throughput import run_fleetlm
     from engine.config import EngineConfig
     from engine.llm_engine import LLMEngine
 
     dtype = torch.bfloat16
     shape = TINY if args.tiny else QWEN25_05B
-    n, plen, olen = args.num_prompts, args.prompt_len, args.output_len
     t = time.perf_counter()
     path = build_model(tmp / "qwen25-05b-random", shape, dtype)
     print(f"W1: model built in {time.perf_counter() - t:.1f} s", flush=True)
-    prompts = w1_prompts(n, plen)
-    engine = LLMEngine(
+    state["prompts"] = w1_prompts(args.num_prompts, args.prompt_len)
+    state["engine"] = LLMEngine(
         EngineConfig(
             model=path,
             dtype="bfloat16",
             device=str(device),
-            max_num_seqs=max(64, n),
+            max_num_seqs=max(64, args.num_prompts),
             max_num_batched_tokens=8192,
             kv_cache_memory_gb=4.0 if device.type == "cuda" else 0.25,
         )
     )
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-    run_fleetlm(engine, prompts[:4], 4)  # warm-up
-    run_hf_generate_on(hf, prompts[:4], 4, device)
+    state["hf"] = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    return state["engine"], state["hf"], state["prompts"]
+
+
+def w1(args, device: torch.device, tmp: Path, state: dict) -> dict:
+    from bench.engine_throughput import run_fleetlm
+
+    dtype = torch.bfloat16
+    shape = TINY if args.tiny else QWEN25_05B
+    n, plen, olen = args.num_prompts, args.prompt_len, args.output_len
+    engine, hf, prompts = w1_engine_and_model(args, device, tmp, state)
+    # Warm-up with the full batch shape (all prompts: the batch-n prefill and decode shapes,
+    # allocator pools, kernel choices), twice each, a few tokens.
+    t = time.perf_counter()
+    for _ in range(2):
+        run_fleetlm(engine, prompts, 8)
+        run_hf_generate_on(hf, prompts, 8, device)
+    print(f"W1: warm-up (full batch, 8 tokens, x2) {time.perf_counter() - t:.1f} s", flush=True)
     rates: dict[str, list[float]] = {"fleetlm": [], "hf_generate": [], "hf_generate_batch": []}
     errors: dict[str, str] = {}
     batch_on = not args.skip_generate_batch
     if batch_on:
         try:
-            run_hf_generate_batch_on(hf, prompts[:4], 4)  # warm-up
+            run_hf_generate_batch_on(hf, prompts, 8)  # warm-up
         except Exception as e:  # a peer failing must not lose the other figures
             errors["hf_generate_batch"] = f"{type(e).__name__}: {e}"[:500]
             print("generate_batch failed:", errors["hf_generate_batch"], flush=True)
@@ -378,12 +677,15 @@ def w1(args, device: torch.device, tmp: Path) -> dict:
     params, decode_bound, w1_bound, step_ms, prefill_ms = roofline(
         shape, n, plen, olen, bw, tf, dtype.itemsize
     )
+    med = {k: (statistics.median(v) if v else None) for k, v in rates.items()}
     return {
         "model": "Qwen2.5-0.5B-shaped random bf16" if not args.tiny else "tiny random bf16",
         "params": params,
         "workload": f"W1 {n}x{plen} prompt, {olen} out, greedy, ignore_eos",
-        "output_tok_s": {k: (statistics.median(v) if v else None) for k, v in rates.items()},
+        "warm_up": "full batch, 8 tokens, twice, each engine",
+        "output_tok_s": med,
         "output_tok_s_runs": rates,
+        "fleetlm_vs_generate": med["fleetlm"] / med["hf_generate"],
         "errors": errors,
         "measured_bandwidth_gb_s": bw,
         "measured_bf16_tflops": tf,
@@ -393,6 +695,147 @@ def w1(args, device: torch.device, tmp: Path) -> dict:
         "w1_bound_tok_s": w1_bound,
         "repeats": args.repeats,
     }
+
+
+def profile_decode_step(args, device: torch.device, tmp: Path, state: dict) -> dict:
+    """One batch-n decode step of our engine on the W1 model: wall time, a split by phase, and the
+    device's summed kernel/copy time (torch.profiler); wall minus device time is device idle."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from engine.sampling_params import SamplingParams
+
+    engine, _, prompts = w1_engine_and_model(args, device, tmp, state)
+    steps = args.profile_steps
+    engine.block_manager.reset_prefix_cache()
+    sp = SamplingParams(temperature=0, max_tokens=4 * steps + 8, ignore_eos=True)
+    rids = [engine.add_request(f"profile-{i}", p, sp) for i, p in enumerate(prompts)]
+    first: set[str] = set()
+    while len(first) < len(rids):  # prefill (every request has its first token)
+        first.update(o.request_id for o in engine.step())
+    running = len(engine.scheduler.running)
+    for _ in range(3):  # decode warm-up
+        engine.step()
+
+    # 1. Plain wall time of a decode step (its last .tolist() syncs already; sync for certainty).
+    walls = []
+    for _ in range(steps):
+        sync(device)
+        t = time.perf_counter()
+        engine.step()
+        sync(device)
+        walls.append((time.perf_counter() - t) * 1e3)
+
+    # 2. Phases, with a device sync at each boundary (device work lands in its own phase).
+    phases: dict[str, list[float]] = {}
+    restore = []
+
+    def timed(obj, attr: str, label: str) -> None:
+        fn = getattr(obj, attr)
+
+        def wrapper(*a, **k):
+            sync(device)
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                sync(device)
+                phases.setdefault(label, []).append((time.perf_counter() - t0) * 1e3)
+
+        setattr(obj, attr, wrapper)
+        restore.append((obj, attr))
+
+    timed(engine.scheduler, "schedule", "schedule")
+    timed(engine.runner, "prepare", "prepare inputs (host flatten + copies)")
+    timed(engine.runner.model, "forward", "model forward (device, synced)")
+    timed(engine.sampler, "sample", "sample (argmax + .tolist())")
+    timed(engine.scheduler, "update", "scheduler update")
+    split_walls = []
+    try:
+        for _ in range(steps):
+            sync(device)
+            t = time.perf_counter()
+            engine.step()
+            sync(device)
+            split_walls.append((time.perf_counter() - t) * 1e3)
+    finally:
+        for obj, attr in restore:
+            delattr(obj, attr)  # the instance attribute goes; the class method shows again
+    phase_ms = {k: statistics.median(v) for k, v in phases.items()}
+    phase_ms["rest of step (outputs, detokenize, bookkeeping)"] = statistics.median(
+        split_walls
+    ) - sum(phase_ms.values())
+
+    wall = statistics.median(walls)
+    out: dict = {
+        "batch": running,
+        "steps_each": steps,
+        "step_wall_ms_median": wall,
+        "step_wall_ms_runs": walls,
+        "phase_ms_median_synced": phase_ms,
+        "synced_step_wall_ms_median": statistics.median(split_walls),
+        "note": "device busy = summed kernel/copy durations under torch.profiler (one stream: "
+        "no overlap); idle share = 1 - busy / unprofiled step wall time (an estimate)",
+    }
+    print(
+        f"profile: batch {running} decode step {wall:.2f} ms wall; phases (synced): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in phase_ms.items()),
+        flush=True,
+    )
+
+    # 3. Device time under the profiler.
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    try:
+        sync(device)
+        with profile(activities=acts) as prof:
+            t = time.perf_counter()
+            for _ in range(steps):
+                engine.step()
+            sync(device)
+            out["profiled_step_wall_ms"] = (time.perf_counter() - t) * 1e3 / steps
+        events = prof.events()
+        dev_events = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        by_name: dict[str, list[float]] = {}
+        for e in dev_events:
+            by_name.setdefault(e.name, []).append(e.time_range.elapsed_us())
+        device_ms = sum(sum(v) for v in by_name.values()) / 1e3 / steps
+        copy_us = sum(
+            sum(v) for k, v in by_name.items() if k.lower().startswith(("memcpy", "memset"))
+        )
+        top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:15]
+        # Cross-check: the self device time of every (CPU) op, summed.
+        self_dev = sum(
+            getattr(e, "self_device_time_total", 0) or 0
+            for e in events
+            if e.device_type == torch.autograd.DeviceType.CPU
+        )
+        out.update(
+            {
+                "device_busy_ms_per_step": device_ms,
+                "device_busy_ms_per_step_from_cpu_ops": self_dev / 1e3 / steps,
+                "device_copy_ms_per_step": copy_us / 1e3 / steps,
+                "device_ops_per_step": len(dev_events) / steps,
+                "cpu_ops_per_step": (len(events) - len(dev_events)) / steps,
+                "device_idle_share_estimate": (1 - device_ms / wall) if device_ms else None,
+                "top_device_ops": [
+                    {
+                        "name": k[:120],
+                        "count_per_step": len(v) / steps,
+                        "ms_per_step": sum(v) / 1e3 / steps,
+                    }
+                    for k, v in top
+                ],
+            }
+        )
+        print(
+            f"profile: device busy {device_ms:.2f} ms/step (cross-check "
+            f"{self_dev / 1e3 / steps:.2f}), {len(dev_events) / steps:.0f} device ops/step, "
+            f"profiled step {out['profiled_step_wall_ms']:.2f} ms",
+            flush=True,
+        )
+    finally:
+        while engine.has_unfinished():  # the rest of the profile requests
+            engine.step()
+    return out
 
 
 def run_hf_generate_on(model, prompts, out_len: int, device: torch.device) -> float:

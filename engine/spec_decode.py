@@ -91,9 +91,12 @@ def verify(
                 return out + [target[j]]
             out.append(x)
         return out + [target[len(drafts)]]
+    # The uniform draw comes from the generator's own device (a CUDA generator cannot fill a CPU
+    # tensor); multinomial draws on the probabilities' device, which is the generator's.
+    rand_device = generator.device if generator is not None else None
     for j, x in enumerate(drafts):
         p = probs_fn(logits[j])
-        if float(torch.rand((), generator=generator)) < float(p[x]):
+        if float(torch.rand((), generator=generator, device=rand_device)) < float(p[x]):
             out.append(x)
             continue
         residual = p.clone()

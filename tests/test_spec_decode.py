@@ -51,6 +51,19 @@ def test_rejection_sampling_preserves_target_distribution():
         assert chi2 < 18.47, (draft, chi2, counts.tolist())  # df=4, p=0.001
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_rejection_sampling_on_cuda_generator():
+    # The sampler's generators live on the engine's device; the uniform draw must come from there.
+    logits = torch.tensor([[1.0, 0.2, -0.5, 0.7, 0.0]] * 3, device="cuda")
+    runs = []
+    for _ in range(2):
+        g = torch.Generator(device="cuda").manual_seed(7)
+        runs.append(
+            [verify(logits, [3, 0], lambda row: torch.softmax(row, -1), g) for _ in range(50)]
+        )
+    assert runs[0] == runs[1] and all(1 <= len(o) <= 3 for o in runs[0])
+
+
 def test_rollback_frees_draft_only_blocks():
     bm = BlockManager(num_blocks=8, block_size=4)
     s = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=64, max_model_len=128)
