@@ -9,10 +9,12 @@ One run, same machine, same model, same prompts:
   decides the hit rate. Decisions are counted by reason from the ingress's /metrics.
 - W1 at concurrency 32 through HTTP: one fleetlm replica with every core (``--w1-threads``), then
   vLLM's CPU OpenAI server (when ``--vllm-python`` is given), one server at a time on the same
-  cores.
+  cores, ``--w1-repeats`` runs each (median). ``--w1-per-request-streams`` adds fleetlm with its
+  output channels off (one Ray stream per request), to show what the channels bring.
 
     python bench/routing.py --json out/routing.json [--vllm-python /work/vllm-venv/bin/python]
     python bench/routing.py --groups 8 --prompts-per-group 8 --skip-w1     # a quicker look
+    python bench/routing.py --skip-w2 --w1-per-request-streams --vllm-python ...   # W1 only
 
 Targets (issue 3): prefix_aware >= 2x pow2's prefix-cache hit rate and <= 0.6x its mean TTFT;
 fleetlm >= 1.0x vLLM on W1 output tok/s.
@@ -27,6 +29,7 @@ import math
 import os
 import re
 import socket
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -81,6 +84,7 @@ def cluster_config(
     imbalance: int,
     engine: dict[str, Any],
     cpus_per_replica: float,
+    output_channels: bool = True,
 ) -> ClusterConfig:
     return ClusterConfig.model_validate(
         {
@@ -95,7 +99,12 @@ def cluster_config(
                     "caches": {"exact": {"enabled": False}},
                 }
             ],
-            "router": {"policy": policy, "imbalance": imbalance, "stats_period_s": 1.0},
+            "router": {
+                "policy": policy,
+                "imbalance": imbalance,
+                "stats_period_s": 1.0,
+                "output_channels": output_channels,
+            },
             "http": {"host": "127.0.0.1", "port": port},
         }
     )
@@ -230,35 +239,54 @@ def run_w2(args: argparse.Namespace, port: int) -> tuple[dict[str, Any], dict[st
     return out, setup
 
 
-def run_w1_fleetlm(args: argparse.Namespace, port: int) -> float:
+def run_w1_fleetlm(args: argparse.Namespace, port: int, output_channels: bool = True) -> dict:
+    """W1 ``--w1-repeats`` times on one deployed replica: {"median": tok/s, "runs": [...]}."""
     # The same cores as the vLLM peer: Ray sets a replica's OMP_NUM_THREADS from its num_cpus, and
     # the engine's num_threads sets torch's thread count explicitly.
     engine = {"max_num_seqs": 64, "num_threads": args.w1_threads}
     cfg = cluster_config(
-        args.model, port, 1, "prefix_aware", args.imbalance, engine, float(args.w1_threads)
+        args.model,
+        port,
+        1,
+        "prefix_aware",
+        args.imbalance,
+        engine,
+        float(args.w1_threads),
+        output_channels=output_channels,
     )
-    print(f"\n== W1 over HTTP: fleetlm, 1 replica, {args.w1_threads} CPUs / torch threads")
+    how = "output channels" if output_channels else "one stream per request"
+    print(f"\n== W1 over HTTP: fleetlm, 1 replica, {args.w1_threads} CPUs / torch threads, {how}")
     url = deploy_and_wait(cfg)
     warm_up(url, args.model, 4)
-    res = asyncio.run(
-        run_workload(url, args.model, make_workload("W1", seed=args.seed), progress=False)
-    )
+    # One unmeasured W1 run first (both servers): the first batch of 32 meets one-off costs.
+    asyncio.run(run_workload(url, args.model, make_workload("W1", seed=args.seed), progress=False))
+    runs = []
+    for _ in range(args.w1_repeats):
+        res = asyncio.run(
+            run_workload(url, args.model, make_workload("W1", seed=args.seed), progress=False)
+        )
+        print(f"   fleetlm W1: {res.output_throughput:.0f} output tok/s ({res.failed} failed)")
+        runs.append(res.output_throughput)
     undeploy()
-    print(f"   fleetlm W1: {res.output_throughput:.0f} output tok/s ({res.failed} failed)")
-    return res.output_throughput
+    return {"median": statistics.median(runs), "runs": runs}
 
 
-def run_w1_vllm(args: argparse.Namespace) -> float:
+def run_w1_vllm(args: argparse.Namespace) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from vllm_server import VLLMServer
 
     print("\n== W1 over HTTP: vLLM CPU server")
+    runs = []
     with VLLMServer(args.model, vllm_python=args.vllm_python) as srv:
         warm_up(srv.url, srv.model_name, 4)
         wl = make_workload("W1", seed=args.seed)
-        res = asyncio.run(run_workload(srv.url, srv.model_name, wl, progress=False))
-    print(f"   vLLM W1: {res.output_throughput:.0f} output tok/s ({res.failed} failed)")
-    return res.output_throughput
+        asyncio.run(run_workload(srv.url, srv.model_name, wl, progress=False))  # unmeasured
+        for _ in range(args.w1_repeats):
+            wl = make_workload("W1", seed=args.seed)
+            res = asyncio.run(run_workload(srv.url, srv.model_name, wl, progress=False))
+            print(f"   vLLM W1: {res.output_throughput:.0f} output tok/s ({res.failed} failed)")
+            runs.append(res.output_throughput)
+    return {"median": statistics.median(runs), "runs": runs}
 
 
 def targets(result: dict[str, Any]) -> dict[str, Any]:
@@ -307,6 +335,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-w1", action="store_true", help="only the W2 policy comparison")
+    p.add_argument("--skip-w2", action="store_true", help="only W1 over HTTP")
+    p.add_argument("--w1-repeats", type=int, default=3, help="W1 runs per server (median)")
+    p.add_argument(
+        "--w1-per-request-streams",
+        action="store_true",
+        help="also run W1 with router.output_channels off (one Ray stream per request)",
+    )
     p.add_argument("--vllm-python", help="Python of a venv with vLLM's CPU build (W1 peer)")
     p.add_argument("--metrics-wait-s", type=float, default=15.0, help="for decision counts")
     p.add_argument("--json", help="write the result here")
@@ -322,6 +357,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--room-requests must be >= 0")
     if args.w1_threads < 1:
         p.error("--w1-threads must be >= 1")
+    if args.w1_repeats < 1:
+        p.error("--w1-repeats must be >= 1")
+    if args.skip_w1 and args.skip_w2:
+        p.error("--skip-w1 and --skip-w2 leave nothing to run")
     return args
 
 
@@ -340,15 +379,27 @@ def main(argv: list[str] | None = None) -> int:
     # vLLM peer, which runs at nice 0); `fleetlm up` starts its head at nice 0 too.
     os.environ.setdefault(WORKER_NICENESS_ENV, "0")
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    runs: dict[str, list[float]] = {}
     try:
-        result["W2"], result["W2_setup"] = run_w2(args, port)
+        if not args.skip_w2:
+            result["W2"], result["W2_setup"] = run_w2(args, port)
         if not args.skip_w1:
-            result["W1_http"] = {"fleetlm": run_w1_fleetlm(args, port), "vllm": None}
+            w1 = run_w1_fleetlm(args, port)
+            result["W1_http"] = {"fleetlm": w1["median"], "vllm": None}
+            runs["fleetlm"] = w1["runs"]
+            if args.w1_per_request_streams:
+                w1 = run_w1_fleetlm(args, port, output_channels=False)
+                result["W1_http"]["fleetlm_per_request_streams"] = w1["median"]
+                runs["fleetlm_per_request_streams"] = w1["runs"]
     finally:
         serve.shutdown()
         ray.shutdown()
     if not args.skip_w1 and args.vllm_python:
-        result["W1_http"]["vllm"] = run_w1_vllm(args)
+        w1 = run_w1_vllm(args)
+        result["W1_http"]["vllm"] = w1["median"]
+        runs["vllm"] = w1["runs"]
+    if runs:
+        result["W1_http_runs"] = runs  # every run; W1_http holds the medians
     result["targets"] = targets(result)
     text = json.dumps(result, indent=2)
     print("\n" + text)

@@ -369,6 +369,16 @@ class OpenAIIngress:
 
     async def _deltas(self, call: Call) -> AsyncIterator[list[tuple[int, dict[str, Any]]]]:
         """Replica messages as [(choice index, delta)]; what piled up meanwhile comes as one."""
+        if isinstance(call.gen, ChannelRequest):  # merges what piled up by itself
+            msgs = call.messages()
+            try:
+                async for msg in msgs:
+                    if "error" in msg:
+                        raise APIError.from_dict(msg["error"])
+                    yield [(d["index"], d) for d in msg["outputs"]]
+            finally:
+                await msgs.aclose()
+            return
         merged = merge_coalesced([call.messages()])
         try:
             async for batch in merged:

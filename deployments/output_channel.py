@@ -269,6 +269,7 @@ class ChannelRequest:
         self._cancel = cancel
         self._left = num_choices
         self._first: dict[str, Any] | None = None
+        self._held: Any = None  # an item taken from the queue while merging, not yet returned
         self._closed = False
         self._watcher = asyncio.ensure_future(self._watch())
 
@@ -285,17 +286,32 @@ class ChannelRequest:
             self.sink.queue.put_nowait(e)
 
     async def next_message(self) -> dict[str, Any] | None:
-        """The next message, or None once every choice has finished."""
+        """The next message, or None once every choice has finished. Deltas that piled up while
+        the consumer was busy come merged as one message (per choice, in order)."""
         if self._left <= 0:
             return None
-        item = await self.sink.queue.get()
+        if self._held is not None:
+            item, self._held = self._held, None
+        else:
+            item = await self.sink.queue.get()
         if isinstance(item, BaseException):
             raise item
         if isinstance(item, dict):
             self._left = 0  # an error ends the request
             return item
-        self._left -= sum(1 for d in item if d.get("finish_reason") is not None)
-        return {"outputs": item}
+        merged = {d["index"]: d for d in item}
+        q = self.sink.queue
+        while not q.empty():
+            nxt = q.get_nowait()
+            if not isinstance(nxt, list):
+                self._held = nxt  # an error or failure: after the tokens before it
+                break
+            for d in nxt:
+                i = d["index"]
+                merged[i] = merge_deltas(merged[i], d) if i in merged else d
+        deltas = list(merged.values())
+        self._left -= sum(1 for d in deltas if d.get("finish_reason") is not None)
+        return {"outputs": deltas}
 
     async def first_message(self) -> dict[str, Any] | None:
         """Wait for the first message (its status decides the HTTP one); messages() repeats it."""

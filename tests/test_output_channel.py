@@ -277,3 +277,22 @@ def test_a_newer_stream_of_the_same_channel_takes_over():
         await new.aclose()
 
     asyncio.run(go())
+
+
+def test_deltas_that_piled_up_come_merged_and_an_error_after_them_still_arrives():
+    async def go():
+        mux = ChannelMux(Replicas("A").open, channel_id=CID)
+        sink = mux.register("r")
+        r = request(mux, "r", choices=2)
+        # Three channel messages reached the sink while the consumer was busy, then an error.
+        sink.queue.put_nowait([delta(0, [1]), delta(1, [10])])
+        sink.queue.put_nowait([delta(0, [2])])
+        sink.queue.put_nowait([delta(1, [11])])
+        sink.queue.put_nowait({"error": {"status": 500, "message": "boom"}})
+        msgs = await asyncio.wait_for(collect(r), 2)
+        assert len(msgs) == 2
+        by_idx = {d["index"]: d["token_ids"] for d in msgs[0]["outputs"]}
+        assert by_idx == {0: [1, 2], 1: [10, 11]}
+        assert msgs[1] == {"error": {"status": 500, "message": "boom"}}
+
+    asyncio.run(go())
