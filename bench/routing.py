@@ -9,8 +9,10 @@ One run, same machine, same model, same prompts:
   decides the hit rate. Decisions are counted by reason from the ingress's /metrics.
 - W1 at concurrency 32 through HTTP: one fleetlm replica with every core (``--w1-threads``), then
   vLLM's CPU OpenAI server (when ``--vllm-python`` is given), one server at a time on the same
-  cores, ``--w1-repeats`` runs each (median). ``--w1-per-request-streams`` adds fleetlm with its
-  output channels off (one Ray stream per request), to show what the channels bring.
+  cores, ``--w1-repeats`` runs each (median), each after one unmeasured run and once the machine
+  is quiet (CPU busy < 15%). W1 runs before W2, on the fresh Ray instance.
+  ``--w1-per-request-streams`` adds fleetlm with its output channels off (one Ray stream per
+  request), to show what the channels bring.
 
     python bench/routing.py --json out/routing.json [--vllm-python /work/vllm-venv/bin/python]
     python bench/routing.py --groups 8 --prompts-per-group 8 --skip-w1     # a quicker look
@@ -122,6 +124,34 @@ def undeploy() -> None:
     from ray import serve
 
     serve.delete(APP_NAME)
+
+
+def cpu_busy_fraction(interval_s: float = 1.0) -> float:
+    """The machine's CPU busy fraction over ``interval_s`` (Linux /proc/stat; 0.0 elsewhere)."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            vals = [int(x) for x in f.readline().split()[1:]]
+        idle = vals[3] + (vals[4] if len(vals) > 4 else 0)  # idle + iowait
+        return sum(vals), idle
+
+    try:
+        t0, i0 = sample()
+        time.sleep(interval_s)
+        t1, i1 = sample()
+    except OSError:
+        return 0.0
+    return 1.0 - (i1 - i0) / max(t1 - t0, 1)
+
+
+def wait_for_quiet(max_busy: float = 0.15, timeout_s: float = 60.0) -> float:
+    """Before a measured W1 run: until the (idle) servers' machine is quiet, e.g. replicas of an
+    earlier app finished shutting down. Returns the last busy fraction seen."""
+    deadline = time.monotonic() + timeout_s
+    busy = cpu_busy_fraction()
+    while busy > max_busy and time.monotonic() < deadline:
+        busy = cpu_busy_fraction()
+    return busy
 
 
 def warm_up(url: str, model: str, n: int) -> None:
@@ -262,6 +292,7 @@ def run_w1_fleetlm(args: argparse.Namespace, port: int, output_channels: bool = 
     asyncio.run(run_workload(url, args.model, make_workload("W1", seed=args.seed), progress=False))
     runs = []
     for _ in range(args.w1_repeats):
+        wait_for_quiet()
         res = asyncio.run(
             run_workload(url, args.model, make_workload("W1", seed=args.seed), progress=False)
         )
@@ -282,6 +313,7 @@ def run_w1_vllm(args: argparse.Namespace) -> dict:
         wl = make_workload("W1", seed=args.seed)
         asyncio.run(run_workload(srv.url, srv.model_name, wl, progress=False))  # unmeasured
         for _ in range(args.w1_repeats):
+            wait_for_quiet()
             wl = make_workload("W1", seed=args.seed)
             res = asyncio.run(run_workload(srv.url, srv.model_name, wl, progress=False))
             print(f"   vLLM W1: {res.output_throughput:.0f} output tok/s ({res.failed} failed)")
@@ -381,8 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     runs: dict[str, list[float]] = {}
     try:
-        if not args.skip_w2:
-            result["W2"], result["W2_setup"] = run_w2(args, port)
+        # W1 first, on the fresh Ray instance: the W2 apps' replicas would still be shutting down.
         if not args.skip_w1:
             w1 = run_w1_fleetlm(args, port)
             result["W1_http"] = {"fleetlm": w1["median"], "vllm": None}
@@ -391,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
                 w1 = run_w1_fleetlm(args, port, output_channels=False)
                 result["W1_http"]["fleetlm_per_request_streams"] = w1["median"]
                 runs["fleetlm_per_request_streams"] = w1["runs"]
+        if not args.skip_w2:
+            result["W2"], result["W2_setup"] = run_w2(args, port)
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -53,3 +53,10 @@ def test_routing_sim_prefix_aware_keeps_groups_on_one_replica():
     assert sum(pa["prefix_outcome"].values()) == 24 == sum(pa["decisions"].values())
     assert rr["groups_on_every_replica"] == 4
     assert pa["hit_rate"] > rr["hit_rate"]
+
+
+def test_cpu_busy_fraction_is_a_fraction_and_wait_for_quiet_returns():
+    from bench.routing import cpu_busy_fraction, wait_for_quiet
+
+    assert 0.0 <= cpu_busy_fraction(0.05) <= 1.0
+    assert 0.0 <= wait_for_quiet(max_busy=1.0, timeout_s=1.0) <= 1.0  # 100% busy counts as quiet
