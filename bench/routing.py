@@ -12,7 +12,9 @@ One run, same machine, same model, same prompts:
   cores, ``--w1-repeats`` runs each (median), each after one unmeasured run and once the machine
   is quiet (CPU busy < 15%). W1 runs before W2, on the fresh Ray instance.
   ``--w1-per-request-streams`` adds fleetlm with its output channels off (one Ray stream per
-  request), to show what the channels bring.
+  request), to show what the channels bring; ``--w1-direct-ingress`` adds fleetlm with
+  ``http.direct_ingress`` (Serve's throughput-optimized mode, no proxy hop) on a second Ray
+  instance.
 
     python bench/routing.py --json out/routing.json [--vllm-python /work/vllm-venv/bin/python]
     python bench/routing.py --groups 8 --prompts-per-group 8 --skip-w1     # a quicker look
@@ -258,18 +260,27 @@ def run_w2(args: argparse.Namespace, port: int) -> tuple[dict[str, Any], dict[st
             f" {prefix_blocks} for prefixes + {room_blocks} for {room_requests} running requests)"
         )
         url = deploy_and_wait(cfg)
+        # Ray's metric outlives an app: earlier apps' decisions (W1's) are subtracted.
+        before = router_decisions(url, policy, 0, 0.0)
         warm_up(url, args.model, 2 * args.replicas)
         wl = make_workload("W2", seed=args.seed, **wl_kwargs)
         res = asyncio.run(run_workload(url, args.model, wl, progress=not args.no_progress))
         row = summarize(res)
-        row["decisions"] = router_decisions(url, policy, res.completed, args.metrics_wait_s)
+        after = router_decisions(
+            url, policy, sum(before.values()) + res.completed, args.metrics_wait_s
+        )
+        row["decisions"] = {
+            k: v - before.get(k, 0) for k, v in after.items() if v > before.get(k, 0)
+        }
         out[policy] = row
         print(f"   {json.dumps(row)}")
         undeploy()
     return out, setup
 
 
-def run_w1_fleetlm(args: argparse.Namespace, port: int, output_channels: bool = True) -> dict:
+def run_w1_fleetlm(
+    args: argparse.Namespace, port: int, output_channels: bool = True, direct_port: int = 0
+) -> dict:
     """W1 ``--w1-repeats`` times on one deployed replica: {"median": tok/s, "runs": [...]}."""
     # The same cores as the vLLM peer: Ray sets a replica's OMP_NUM_THREADS from its num_cpus, and
     # the engine's num_threads sets torch's thread count explicitly.
@@ -285,8 +296,17 @@ def run_w1_fleetlm(args: argparse.Namespace, port: int, output_channels: bool = 
         output_channels=output_channels,
     )
     how = "output channels" if output_channels else "one stream per request"
+    if direct_port:
+        how += ", direct ingress"
     print(f"\n== W1 over HTTP: fleetlm, 1 replica, {args.w1_threads} CPUs / torch threads, {how}")
     url = deploy_and_wait(cfg)
+    if direct_port:
+        from cluster.cmd_serve import find_direct_ingress
+
+        direct = find_direct_ingress("127.0.0.1", direct_port)
+        if direct is None:
+            raise RuntimeError(f"no direct ingress answers from port {direct_port}")
+        url = direct
     warm_up(url, args.model, 4)
     # One unmeasured W1 run first (both servers): the first batch of 32 meets one-off costs.
     asyncio.run(run_workload(url, args.model, make_workload("W1", seed=args.seed), progress=False))
@@ -334,6 +354,8 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
     if w1.get("fleetlm") and w1.get("vllm"):
         t["w1_ratio_vs_vllm"] = w1["fleetlm"] / w1["vllm"]
         t["w1_target_met"] = t["w1_ratio_vs_vllm"] >= 1.0
+        if w1.get("fleetlm_direct_ingress"):
+            t["w1_direct_ingress_ratio_vs_vllm"] = w1["fleetlm_direct_ingress"] / w1["vllm"]
     return t
 
 
@@ -369,6 +391,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--skip-w1", action="store_true", help="only the W2 policy comparison")
     p.add_argument("--skip-w2", action="store_true", help="only W1 over HTTP")
     p.add_argument("--w1-repeats", type=int, default=3, help="W1 runs per server (median)")
+    p.add_argument(
+        "--w1-direct-ingress",
+        action="store_true",
+        help="also run W1 with http.direct_ingress (a second Ray instance in Serve's "
+        "throughput-optimized mode; the client talks to the ingress replica's own port)",
+    )
     p.add_argument(
         "--w1-per-request-streams",
         action="store_true",
@@ -427,6 +455,23 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         serve.shutdown()
         ray.shutdown()
+    if not args.skip_w1 and args.w1_direct_ingress:
+        # Serve reads the mode from its processes' environment at start: a fresh Ray instance.
+        from cluster.ray_runtime import direct_ingress_env
+
+        direct_port = free_port()
+        saved = dict(os.environ)
+        os.environ.update(direct_ingress_env(direct_port))
+        ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+        try:
+            w1 = run_w1_fleetlm(args, port, direct_port=direct_port)
+            result["W1_http"]["fleetlm_direct_ingress"] = w1["median"]
+            runs["fleetlm_direct_ingress"] = w1["runs"]
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+            os.environ.clear()
+            os.environ.update(saved)
     if not args.skip_w1 and args.vllm_python:
         w1 = run_w1_vllm(args)
         result["W1_http"]["vllm"] = w1["median"]

@@ -139,6 +139,11 @@ def cmd_up(args: argparse.Namespace) -> int:
                 port=args.ray_port,
                 dashboard=args.dashboard,
                 die_with_parent=not args.detach,
+                extra_env=(
+                    ray_runtime.direct_ingress_env(cfg.http.direct_ingress_port)
+                    if cfg.http.direct_ingress
+                    else None
+                ),
             )
         except ray_runtime.RayStartError as e:
             raise CLIError(str(e)) from None
@@ -148,6 +153,15 @@ def cmd_up(args: argparse.Namespace) -> int:
     else:
         auth_mode = ray_runtime.auth_mode_for_join()
         _say(f"Joining Ray at {address} (auth: {auth_mode})")
+        if cfg.http.direct_ingress:
+            env = " ".join(
+                f"{k}={v}"
+                for k, v in ray_runtime.direct_ingress_env(cfg.http.direct_ingress_port).items()
+            )
+            _say(
+                "http.direct_ingress: Serve reads it from the Ray head's environment; this "
+                f"cluster's head must have been started with {env} (else only the proxy serves)"
+            )
 
     url = f"http://{_client_host(cfg.http.host)}:{cfg.http.port}"
     state = ClusterState(
@@ -175,6 +189,15 @@ def cmd_up(args: argparse.Namespace) -> int:
         raise CLIError(f"deploy failed: {e}") from None
 
     _print_ready(cfg, url)
+    if cfg.http.direct_ingress:
+        direct = find_direct_ingress(_client_host(cfg.http.host), cfg.http.direct_ingress_port)
+        if direct:
+            print(f"  direct ingress (no proxy hop): {direct}/v1")
+        else:
+            print(
+                f"  direct ingress: nothing answers from port {cfg.http.direct_ingress_port}; "
+                "is the Ray head's environment set (see above)?"
+            )
     if args.detach:
         ray_runtime.disconnect()
         print("Detached. `fleetlm status` shows it; `fleetlm down` stops it.")
@@ -255,6 +278,21 @@ def wait_until_ready(app_name: str, timeout_s: float) -> None:
 def _first_lines(msg: str, n: int = 6) -> str:
     lines = [ln for ln in msg.strip().splitlines() if ln.strip()]
     return " | ".join(lines[-n:]) if lines else "no message from Serve"
+
+
+def find_direct_ingress(host: str, first_port: int, tries: int = 16) -> str | None:
+    """The URL of the ingress replica's own HTTP server: Serve gives it the first free port from
+    ``first_port``, so probe /health upwards."""
+    import httpx
+
+    for port in range(first_port, first_port + tries):
+        url = f"http://{host}:{port}"
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return url
+        except httpx.HTTPError:
+            continue
+    return None
 
 
 def _print_ready(cfg: ClusterConfig, url: str) -> None:

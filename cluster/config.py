@@ -213,6 +213,16 @@ class HttpConfig(_Strict):
 
     host: str = Field("127.0.0.1", description="Bind address; 0.0.0.0 listens on every interface.")
     port: int = Field(8000, ge=1, le=65535, description="TCP port.")
+    direct_ingress: bool = Field(
+        False,
+        description="Ray Serve's throughput-optimized mode (experimental in Ray 2.60): the ingress "
+        "replica also answers HTTP itself, on the first free port from direct_ingress_port, "
+        "without the proxy hop (the proxy keeps serving `port`). Set in the environment of the "
+        "Ray head that `fleetlm up` starts.",
+    )
+    direct_ingress_port: int = Field(
+        30000, ge=1, le=65000, description="First port the direct ingress tries (then +1, ...)."
+    )
 
 
 class ApiKey(_Strict):

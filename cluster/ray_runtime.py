@@ -34,6 +34,23 @@ from pathlib import Path
 
 AUTH_MODE_ENV = "RAY_AUTH_MODE"
 WORKER_NICENESS_ENV = "RAY_worker_niceness"  # Ray's worker_niceness setting (default 15)
+
+
+def direct_ingress_env(first_port: int) -> dict[str, str]:
+    """Ray Serve's throughput-optimized mode with its direct ingress (read by Serve's processes at
+    start: it must be in the head's environment). It also runs replica code on the replica's main
+    loop, talks gRPC between replicas and freezes GC after start."""
+    return {
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+        "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(first_port),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(first_port + 1000),
+        # Serve holds a draining ingress 30 s by default (for an external load balancer to notice);
+        # `fleetlm down` on a local head needn't wait that long.
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
+    }
+
+
 _PR_SET_PDEATHSIG = 1
 
 
@@ -130,6 +147,7 @@ def start_head(
     dashboard: bool = False,
     die_with_parent: bool = False,
     timeout_s: float = 120.0,
+    extra_env: dict[str, str] | None = None,
 ) -> HeadProcess:
     """Start `ray start --head --block` in its own session and wait until it serves.
 
@@ -164,6 +182,7 @@ def start_head(
     # replicas are the workload, and at nice 15 they lose cores to any other process (a client or
     # benchmark on the same machine: about 10% of W1 over HTTP on 2 cores).
     env.setdefault(WORKER_NICENESS_ENV, "0")
+    env.update(extra_env or {})
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(

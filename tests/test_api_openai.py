@@ -382,6 +382,25 @@ def test_disconnect_mid_stream_frees_blocks(api):
     assert s["num_free_blocks"] == s["num_total_blocks"]
 
 
+def test_a_request_id_already_in_flight_is_a_400_and_the_first_request_is_unharmed(api):
+    body = {"model": MODEL, "prompt": list(range(50, 60)), "max_tokens": 40, "ignore_eos": True}
+    headers = {**_auth(), "x-request-id": "dup-1"}
+    with httpx.stream(
+        "POST", api + "/v1/completions", json={**body, "stream": True}, headers=headers, timeout=30
+    ) as first:
+        assert first.status_code == 200
+        lines = first.iter_lines()
+        assert next(lines).startswith("data: ")
+        second = httpx.post(api + "/v1/completions", json=body, headers=headers, timeout=30)
+        assert second.status_code == 400
+        err = second.json()["error"]
+        assert err["param"] == "x-request-id" and "already in flight" in err["message"]
+        rest = [ln for ln in lines if ln.startswith("data: ")]
+    assert rest[-1] == "data: [DONE]"
+    chunks = [json.loads(ln[6:]) for ln in rest[:-1]]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
 @pytest.mark.skipif(not _has_cache_layer(), reason="deployments.response_cache not present")
 def test_exact_cache_hit_header(api):
     c = openai.OpenAI(base_url=api + "/v1", api_key=KEY, max_retries=0)
