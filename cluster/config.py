@@ -218,7 +218,7 @@ class HttpConfig(_Strict):
         description="Ray Serve's throughput-optimized mode (experimental in Ray 2.60): the ingress "
         "replica also answers HTTP itself, on the first free port from direct_ingress_port, "
         "without the proxy hop (the proxy keeps serving `port`). Set in the environment of the "
-        "Ray head that `fleetlm up` starts.",
+        "Ray head that `fleetlm up` starts; rendered KubeRay manifests serve through the proxy.",
     )
     direct_ingress_port: int = Field(
         30000, ge=1, le=65000, description="First port the direct ingress tries (then +1, ...)."
