@@ -2,12 +2,11 @@
 
 Per request: auth (hashed API keys) -> model lookup -> sampling validation -> response cache ->
 tokenize (batched across concurrent requests) -> context-length check -> block hashes (the
-router's input) -> one streamed handle call per prompt -> SSE chunks or one JSON body.
+router's input) -> one handle call per request (replica_call.py) -> SSE chunks or one JSON body.
 Every error is an OpenAI error object; Serve's proxy adds ``x-request-id`` to every response.
 """
 
 import asyncio
-import functools
 import hashlib
 import logging
 import time
@@ -31,12 +30,10 @@ from deployments.openai_format import (
     apply_delta,
     chat_body,
     completion_body,
-    merge_deltas,
     public_finish_reason,
     sse_error,
     usage_of,
 )
-from deployments.output_channel import ChannelMux, ChannelRequest
 from deployments.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -44,7 +41,7 @@ from deployments.protocol import (
     error_body,
     validation_error_to_api,
 )
-from deployments.stream_merge import StreamError, merge_coalesced
+from deployments.replica_call import Call, call_deltas, internal_error, new_channel_mux, open_call
 from engine.block_hash import block_hashes
 
 logger = logging.getLogger("ray.serve")
@@ -75,60 +72,6 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     )
 
 
-def _internal(rid: str) -> APIError:
-    return APIError(
-        500, f"internal error (request id {rid}); see the server log", type="server_error"
-    )
-
-
-def _cancel(gen: Any) -> None:
-    """Best-effort cancel of a handle call; a call that already failed re-raises its error here."""
-    try:
-        gen.cancel()
-    except Exception:
-        pass
-
-
-class Call:
-    """One streamed handle call whose first message has arrived (so its status is known)."""
-
-    def __init__(self, gen: Any, first: dict[str, Any] | None, replica: str = "") -> None:
-        self.gen = gen  # a handle's response stream, or an output_channel.ChannelRequest
-        self.first = first
-        self.replica = replica or (first or {}).get("replica", "")
-
-    async def messages(self) -> AsyncIterator[dict[str, Any]]:
-        if isinstance(self.gen, ChannelRequest):
-            async for msg in self.gen.messages():  # closes (cancels the request) when done
-                yield msg
-            return
-        try:
-            yield self.first
-            async for msg in self.gen:
-                yield msg
-        finally:
-            # Client gone or request done: cancelling reaches the replica, which aborts the
-            # engine request and frees its KV blocks (a no-op once the stream has ended).
-            _cancel(self.gen)
-
-
-def _channel_id() -> str:
-    """This ingress process's channel id for one model (replicas key their outboxes on it)."""
-    return uuid.uuid4().hex
-
-
-async def _channel_stream(handle: Any, channel_id: str, replica: str) -> AsyncIterator[dict]:
-    """The output channel stream to ``replica`` (the router honours ``target_replica``)."""
-    gen = handle.options(stream=True).channel.remote(
-        {"channel": channel_id, "target_replica": replica}
-    )
-    try:
-        async for msg in gen:
-            yield msg
-    finally:
-        _cancel(gen)
-
-
 @serve.ingress(app)
 class OpenAIIngress:
     """Deployment body (routes on ``app``); app.py wraps it with serve.deployment."""
@@ -143,9 +86,7 @@ class OpenAIIngress:
         }
         if cfg.router.output_channels:
             for rt in self.runtimes.values():
-                cid = _channel_id()
-                opener = functools.partial(_channel_stream, rt.handle, cid)
-                rt.channels = ChannelMux(opener, channel_id=cid)
+                rt.channels = new_channel_mux(rt.handle)
         self.created = int(time.time())
 
     # -- routes -------------------------------------------------------------------------------
@@ -231,7 +172,7 @@ class OpenAIIngress:
         except Exception:
             logger.exception("request %s failed", rid)
             rt_metrics(model).error(500)
-            return error_response(_internal(rid))
+            return error_response(internal_error(rid))
 
     async def _respond(
         self,
@@ -253,7 +194,7 @@ class OpenAIIngress:
         session = request.headers.get("x-session-id")
         if session:
             req["session_id"] = session
-        call = await self._open(rt, req, rid)
+        call = await open_call(rt, req, rid)
         headers = {"x-fleetlm-replica": call.replica, "x-fleetlm-cache": "miss"}
         tracker = RequestTimer(rt.name, t0)
         writer = ChunkWriter(chat, rid, int(time.time()), rt.name, rt.token_text)
@@ -261,7 +202,7 @@ class OpenAIIngress:
             gen = self._sse(rt, body, call, n, writer, tracker, namespace)
             return StreamingResponse(gen, media_type="text/event-stream", headers=headers)
         states: dict[int, ChoiceState] = defaultdict(ChoiceState)
-        async for items in self._deltas(call):
+        async for items in call_deltas(call):
             tracker.chunk(sum(len(d["token_ids"]) for _, d in items))
             for idx, d in items:
                 apply_delta(states[idx], d)
@@ -310,91 +251,6 @@ class OpenAIIngress:
             req["prompts"] = prompts
         return req
 
-    async def _open(self, rt: ModelRuntime, req: dict[str, Any], rid: str) -> Call:
-        """Start the streamed call and wait for its first message: its status decides ours."""
-        from ray.serve.exceptions import BackPressureError
-
-        sink = None
-        if rt.channels is not None:
-            try:
-                sink = rt.channels.register(rid)
-            except ValueError as e:
-                msg = f"x-request-id {rid!r} is already in flight"
-                raise APIError(400, msg, param="x-request-id") from e
-            req = {**req, "channel": rt.channels.channel_id}
-        gen = rt.handle.options(stream=True).generate.remote(req)
-        try:
-            first = await gen.__anext__()
-        except BackPressureError:
-            raise APIError(
-                429,
-                f"model {rt.name!r} is at capacity (every replica's queue is full); retry shortly",
-                type="rate_limit_error",
-                code="queue_full",
-                headers={"Retry-After": "1"},
-            ) from None
-        except StopAsyncIteration:
-            raise _internal(rid) from None
-        except BaseException:
-            _cancel(gen)  # e.g. the client left while we waited for the first token
-            if sink is not None:
-                rt.channels.unregister(rid)
-            raise
-        if "error" in first:
-            _cancel(gen)
-            if sink is not None:
-                rt.channels.unregister(rid)
-            raise APIError.from_dict(first["error"])
-        if sink is None:
-            return Call(gen, first)
-        return await self._open_channel_call(rt, req, rid, gen, sink, first["replica"])
-
-    async def _open_channel_call(
-        self, rt: ModelRuntime, req: dict[str, Any], rid: str, gen: Any, sink: Any, replica: str
-    ) -> Call:
-        """The request was admitted on ``replica``; its tokens come through that channel."""
-        choices = int(req.get("n", 1)) * len(req.get("prompts") or [None])
-        creq = ChannelRequest(rt.channels, rid, sink, gen, lambda: _cancel(gen), choices)
-        try:
-            await rt.channels.bind(rid, replica)
-            creq.replica = replica
-            first = await creq.first_message()
-        except BaseException:
-            creq.close()
-            raise
-        if first is not None and "error" in first:
-            creq.close()
-            raise APIError.from_dict(first["error"])
-        return Call(creq, None, replica)
-
-    async def _deltas(self, call: Call) -> AsyncIterator[list[tuple[int, dict[str, Any]]]]:
-        """Replica messages as [(choice index, delta)]; what piled up meanwhile comes as one."""
-        if isinstance(call.gen, ChannelRequest):  # merges what piled up by itself
-            msgs = call.messages()
-            try:
-                async for msg in msgs:
-                    if "error" in msg:
-                        raise APIError.from_dict(msg["error"])
-                    yield [(d["index"], d) for d in msg["outputs"]]
-            finally:
-                await msgs.aclose()
-            return
-        merged = merge_coalesced([call.messages()])
-        try:
-            async for batch in merged:
-                by_idx: dict[int, dict[str, Any]] = {}
-                for _, msg in batch:
-                    if "error" in msg:
-                        raise APIError.from_dict(msg["error"])
-                    for d in msg["outputs"]:
-                        idx = d["index"]
-                        by_idx[idx] = merge_deltas(by_idx[idx], d) if idx in by_idx else d
-                yield list(by_idx.items())
-        except StreamError as e:
-            raise e.error from None
-        finally:
-            await merged.aclose()
-
     async def _sse(
         self,
         rt: ModelRuntime,
@@ -406,7 +262,7 @@ class OpenAIIngress:
         namespace: str,
     ) -> AsyncIterator[str]:
         states: dict[int, ChoiceState] = defaultdict(ChoiceState)
-        deltas = self._deltas(call)
+        deltas = call_deltas(call)
         continuous = bool(body.stream_options and body.stream_options.continuous_usage_stats)
         try:
             async for items in deltas:
@@ -424,7 +280,7 @@ class OpenAIIngress:
         except Exception:
             logger.exception("stream %s failed", writer.id)
             rt_metrics(body.model).error(500)
-            yield sse_error(_internal(writer.id).body())
+            yield sse_error(internal_error(writer.id).body())
             return
         finally:
             await deltas.aclose()
