@@ -238,6 +238,7 @@ def run_w2(args: argparse.Namespace, port: int) -> tuple[dict[str, Any], dict[st
         "num_kv_blocks": kv_blocks,
         "max_model_len": max(1024, request_tokens),
         "num_threads": args.threads_per_replica,
+        "prefix_cache_eviction": args.eviction,
     }
     setup = {
         "kv_blocks_per_replica": kv_blocks,
@@ -248,6 +249,7 @@ def run_w2(args: argparse.Namespace, port: int) -> tuple[dict[str, Any], dict[st
         "distinct_prefix_tokens": args.groups * args.prefix_len,
         "replicas": args.replicas,
         "threads_per_replica": args.threads_per_replica,
+        "prefix_cache_eviction": args.eviction,
         "workload": wl_kwargs,
     }
     out: dict[str, Any] = {}
@@ -386,6 +388,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=os.cpu_count() or 1,
         help="CPUs and torch threads of the W1 fleetlm replica (default: every core, like vLLM)",
+    )
+    p.add_argument(
+        "--eviction",
+        default="lru",
+        choices=["lru", "slru"],
+        help="W2 replicas' prefix-cache eviction (engine prefix_cache_eviction)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-w1", action="store_true", help="only the W2 policy comparison")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import heapq
+import itertools
 import random
 import statistics
 from collections import Counter
@@ -48,9 +49,9 @@ class _Clock:
 
 
 class _Replica:
-    def __init__(self, rid: str, kv_blocks: int) -> None:
+    def __init__(self, rid: str, kv_blocks: int, eviction: str = "lru") -> None:
         self.rid = rid
-        self.bm = BlockManager(kv_blocks, BLOCK_SIZE)
+        self.bm = BlockManager(kv_blocks, BLOCK_SIZE, eviction=eviction)
         self.sch = Scheduler(self.bm, 64, 2048, 4096)
         self.tracker = ReplicaCacheTracker(BLOCK_SIZE)
         self.busy = False
@@ -74,6 +75,7 @@ def simulate(
     question_len: int = 64,
     output_len: int = 64,
     concurrency: int = 16,
+    eviction: str = "lru",
     **policy_params: Any,
 ) -> dict[str, Any]:
     rng = random.Random(seed)
@@ -89,7 +91,7 @@ def simulate(
         concurrency=concurrency,
     )
     state = RouterState(make_policy(policy, **policy_params), assumed_ttl_s, clock)
-    reps = [_Replica(f"r{i}", kv_blocks) for i in range(replicas)]
+    reps = [_Replica(f"r{i}", kv_blocks, eviction) for i in range(replicas)]
     by_id = {r.rid: r for r in reps}
     ids = [r.rid for r in reps]
     events: list[tuple[float, int, str, Any]] = []
@@ -207,15 +209,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--imbalance", type=int, nargs="+", default=[8], help="prefix_aware only")
     p.add_argument("--assumed-ttl-s", type=float, default=30.0)
     p.add_argument("--seeds", type=int, default=8)
+    p.add_argument(
+        "--eviction",
+        nargs="+",
+        default=["lru"],
+        choices=["lru", "slru"],
+        help="the replicas' prefix-cache eviction (EngineConfig.prefix_cache_eviction)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="every run, not just means")
     a = p.parse_args(argv)
-    for kv in a.kv:
+    for kv, ev in itertools.product(a.kv, a.eviction):
         for policy in [s.strip() for s in a.policies.split(",") if s.strip()]:
             imbalances = a.imbalance if policy == "prefix_aware" else [None]
             for imb in imbalances:
                 params = {"imbalance": imb} if imb is not None else {}
                 rows = [
-                    simulate(policy, kv, seed=s, assumed_ttl_s=a.assumed_ttl_s, **params)
+                    simulate(
+                        policy, kv, seed=s, assumed_ttl_s=a.assumed_ttl_s, eviction=ev, **params
+                    )
                     for s in range(a.seeds)
                 ]
                 if a.verbose:
@@ -223,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
                         print(row)
                 bal = statistics.fmean(r["decisions"].get("balance", 0) for r in rows)
                 print(
-                    f"kv={kv} {policy}{'' if imb is None else f' imbalance={imb}'}: hit rate "
+                    f"kv={kv} {ev} {policy}{'' if imb is None else f' imbalance={imb}'}: hit rate "
                     f"{statistics.fmean(r['hit_rate'] for r in rows):.3f}, mean TTFT "
                     f"{statistics.fmean(r['mean_ttft_s'] for r in rows):.3f} s, balance "
                     f"decisions {bal:.1f}, split groups "

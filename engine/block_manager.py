@@ -24,6 +24,8 @@ class Block:
     token_ids: tuple[int, ...] | None = None  # stored tokens, compared on a hit (hash collisions)
     prev: Block | None = field(default=None, repr=False)
     next: Block | None = field(default=None, repr=False)
+    reused: bool = False  # served a prefix-cache hit since it was filled (slru: protected)
+    protected: bool = False  # free and in the protected queue (slru)
 
 
 class FreeBlockQueue:
@@ -71,15 +73,36 @@ class FreeBlockQueue:
         return out
 
 
+EVICTION_POLICIES = ("lru", "slru")
+PROTECTED_FRACTION = 0.8
+
+
 class BlockManager:
+    """Paged KV blocks. Free blocks keep their cached contents until evicted: ``eviction="lru"``
+    evicts the least recently freed first; ``"slru"`` (segmented LRU) first evicts blocks that
+    never served a prefix-cache hit (e.g. a finished request's own question and output) and only
+    then, least recently freed first, blocks that did (shared prefixes), of which at most
+    PROTECTED_FRACTION of the pool stay protected."""
+
     def __init__(
-        self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        eviction: str = "lru",
     ) -> None:
+        if eviction not in EVICTION_POLICIES:
+            raise ValueError(f"eviction must be one of {EVICTION_POLICIES}, got {eviction!r}")
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.enable_prefix_caching = enable_prefix_caching
+        self.eviction = eviction
         self.blocks = [Block(i) for i in range(num_blocks)]
-        self.free_queue = FreeBlockQueue(self.blocks)
+        self.free_queue = FreeBlockQueue(self.blocks)  # lru: every free block; slru: probation
+        self.protected_queue = FreeBlockQueue([])  # slru: free blocks that served a hit
+        # slru: at most this many free blocks are protected; beyond, the least recently freed
+        # one goes back to probation (so stale prefixes age out instead of holding the cache).
+        self.protected_cap = max(1, int(PROTECTED_FRACTION * num_blocks))
         self.cached: dict[int, Block] = {}  # block hash -> block holding it
         self.hit_tokens = 0
         self.query_tokens = 0
@@ -89,7 +112,7 @@ class BlockManager:
     # -- queries ------------------------------------------------------------------------------
     @property
     def num_free_blocks(self) -> int:
-        return len(self.free_queue)
+        return len(self.free_queue) + len(self.protected_queue)
 
     @property
     def usage(self) -> float:
@@ -135,19 +158,45 @@ class BlockManager:
             return False
         for b in computed:
             if b.ref_cnt == 0:
-                self.free_queue.remove(b)
+                self._unfree(b)
             b.ref_cnt += 1
+            b.reused = True
             req.block_table.append(b.block_id)
         total = req.num_computed_tokens + len(computed) * self.block_size + num_new_tokens
         num_required = -(-total // self.block_size)
         while len(req.block_table) < num_required:
-            b = self.free_queue.popleft()
+            b = self._pop_free()
             self._evict(b)
             b.ref_cnt = 1
             req.block_table.append(b.block_id)
         return True
 
+    def _pop_free(self) -> Block:
+        """The block to reuse next: probation (or the only queue) first, then protected."""
+        if len(self.free_queue):
+            return self.free_queue.popleft()
+        b = self.protected_queue.popleft()
+        b.protected = False
+        return b
+
+    def _unfree(self, b: Block) -> None:
+        (self.protected_queue if b.protected else self.free_queue).remove(b)
+        b.protected = False
+
+    def _release(self, b: Block) -> None:
+        """``b`` reached ref count 0: it joins a free queue's most recent end, still cached."""
+        if self.eviction == "slru" and b.reused and b.block_hash is not None:
+            b.protected = True
+            self.protected_queue.append(b)
+            if len(self.protected_queue) > self.protected_cap:
+                old = self.protected_queue.popleft()
+                old.protected = old.reused = False
+                self.free_queue.append(old)
+        else:
+            self.free_queue.append(b)
+
     def _evict(self, b: Block) -> None:
+        b.reused = False
         if b.block_hash is not None:
             if self.cached.get(b.block_hash) is b:
                 del self.cached[b.block_hash]
@@ -162,7 +211,7 @@ class BlockManager:
             b.ref_cnt -= 1
             assert b.ref_cnt >= 0
             if b.ref_cnt == 0:
-                self.free_queue.append(b)
+                self._release(b)
         req.block_table = []
 
     def trim(self, req: Request, num_tokens: int) -> None:
@@ -173,7 +222,7 @@ class BlockManager:
             b = self.blocks[req.block_table.pop()]
             b.ref_cnt -= 1
             if b.ref_cnt == 0:
-                self.free_queue.append(b)
+                self._release(b)
 
     def cache_full_blocks(self, req: Request) -> None:
         """Publish ``req``'s blocks that are full *and* computed into the prefix cache."""
@@ -200,6 +249,7 @@ class BlockManager:
             return False
         for b in self.blocks:
             b.block_hash = b.token_ids = None
+            b.reused = False
         self.cached.clear()
         self.events.append(BlockEvent("cleared", []))
         return True

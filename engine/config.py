@@ -20,6 +20,9 @@ class EngineConfig:
     max_num_seqs: int = 64  # max running requests
     max_num_batched_tokens: int = 2048  # token budget per step
     enable_prefix_caching: bool = True
+    # lru: free cached blocks are evicted least recently freed first; slru: blocks that never
+    # served a prefix-cache hit go first (a finished request's own tail before shared prefixes).
+    prefix_cache_eviction: Literal["lru", "slru"] = "lru"
     enable_chunked_prefill: bool = True
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads on CPU; None leaves torch's default
@@ -67,6 +70,10 @@ class EngineConfig:
         if self.quantization not in (None, "int8", "int8-w8a8"):
             raise ValueError(
                 f"quantization must be null, 'int8' or 'int8-w8a8', got {self.quantization!r}"
+            )
+        if self.prefix_cache_eviction not in ("lru", "slru"):
+            raise ValueError(
+                f"prefix_cache_eviction must be 'lru' or 'slru', got {self.prefix_cache_eviction!r}"
             )
         if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
             raise ValueError("num_kv_blocks must be >= 2")

@@ -70,7 +70,10 @@ class LLMEngine:
         self.vocab_size = self.runner.vocab_size
         self.eos_token_ids = _eos_ids(self.model_path, self.tokenizer)
         self.block_manager = BlockManager(
-            self.runner.num_blocks, config.block_size, config.enable_prefix_caching
+            self.runner.num_blocks,
+            config.block_size,
+            config.enable_prefix_caching,
+            config.prefix_cache_eviction,
         )
         self.scheduler = Scheduler(
             self.block_manager,

@@ -124,3 +124,75 @@ def test_reset_prefix_cache_only_when_idle():
 @pytest.mark.parametrize("n", [0, 3, 4, 9])
 def test_block_hashes_only_full_blocks(n):
     assert len(block_hashes(list(range(n)), BS)) == n // BS
+
+
+def _run(bm, rid, tokens, hits=True):
+    """Admit a request (with its prefix-cache hits), compute it, free it; its blocks stay cached."""
+    r = req(rid, tokens)
+    computed = bm.get_computed_blocks(r) if hits else []
+    assert bm.allocate(r, len(tokens) - len(computed) * BS, computed)
+    r.num_computed_tokens = len(tokens)
+    bm.cache_full_blocks(r)
+    bm.free(r)
+    return r
+
+
+def _cached_ids(bm):
+    return sorted(b.block_id for b in bm.cached.values())
+
+
+def test_slru_evicts_never_hit_blocks_before_shared_prefixes():
+    prefix = [100 + i for i in range(8)]  # 2 blocks shared by the group
+    for eviction, survivors in (("lru", False), ("slru", True)):
+        bm = BlockManager(num_blocks=8, block_size=BS, eviction=eviction)
+        _run(bm, "g1", prefix + [1, 2, 3, 4])  # blocks 0, 1 (prefix), 2 (own tail)
+        _run(bm, "g2", prefix + [5, 6, 7, 8])  # hits 0, 1; own tail in block 3
+        assert bm.blocks[0].reused and bm.blocks[1].reused and not bm.blocks[3].reused
+        if eviction == "slru":
+            # Freed tail-first: the never-hit tails wait in probation, the prefix is protected.
+            assert bm.free_queue.ids() == [4, 5, 6, 7, 2, 3]
+            assert bm.protected_queue.ids() == [1, 0]
+        # A unique request finishes after the group's (its blocks are the most recently freed),
+        # then six blocks' worth of new work: the cache must give up six of its eight blocks.
+        _run(bm, "u", [500 + i for i in range(12)])
+        _run(bm, "x", [900 + i for i in range(24)])
+        prefix_blocks = set(block_hashes(prefix, BS))
+        kept = prefix_blocks & set(bm.cached)
+        assert (kept == prefix_blocks) is survivors, (eviction, _cached_ids(bm))
+        assert bm.num_free_blocks == 8
+
+
+def test_slru_takes_protected_blocks_least_recently_freed_first_when_probation_is_empty():
+    bm = BlockManager(num_blocks=4, block_size=BS, eviction="slru")
+    a = [1, 2, 3, 4]
+    b = [5, 6, 7, 8]
+    _run(bm, "a1", a + [0])  # blocks 0 (a), 1 (tail, 1 token: not full, not cached)
+    _run(bm, "b1", b + [0])  # blocks 2 (b), 3
+    _run(bm, "a2", a + [9])  # hits block 0
+    _run(bm, "b2", b + [9])  # hits block 2; a was freed before b
+    assert bm.protected_queue.ids() == [0, 2]
+    r = req("big", list(range(200, 216)))  # 4 blocks: probation (2) then protected a, then b
+    assert bm.allocate(r, 16)
+    assert r.block_table[:2] != [0, 2] and r.block_table[2:] == [0, 2]
+    assert not bm.cached  # everything evicted, hashes dropped
+    assert not bm.blocks[0].reused and not bm.blocks[0].protected
+
+
+def test_eviction_policy_is_validated():
+    with pytest.raises(ValueError, match="eviction"):
+        BlockManager(num_blocks=4, block_size=BS, eviction="fifo")
+
+
+def test_slru_protected_segment_is_capped_and_the_oldest_goes_back_to_probation():
+    bm = BlockManager(num_blocks=10, block_size=BS, eviction="slru")  # cap: 8 protected blocks
+    assert bm.protected_cap == 8
+    groups = [[10 * g + i for i in range(4)] for g in range(1, 10)]
+    for g, toks in enumerate(groups):  # each group's one-block prefix is hit once
+        _run(bm, f"a{g}", toks + [0])
+        _run(bm, f"b{g}", toks + [1])
+    protected = bm.protected_queue.ids()
+    assert len(protected) == 8
+    first = bm.cached[block_hashes(groups[0], BS)[0]]  # the oldest protected prefix
+    assert first.block_id not in protected and not first.protected and not first.reused
+    assert first.block_id in bm.free_queue.ids()  # demoted, still cached
+    assert bm.num_free_blocks == 10
