@@ -47,6 +47,15 @@ def request(mux: ChannelMux, rid: str, choices: int = 1, stream=None) -> Channel
     return r
 
 
+async def admitted(reps: Replicas, mux: ChannelMux, rid: str, replica: str = "A"):
+    """The request is registered at the ingress, admitted on ``replica`` and bound to its channel:
+    returns that replica's outbox for the ingress's channel."""
+    mux.register(rid)
+    box = reps.hubs[replica].request_started(CID)
+    await mux.bind(rid, replica)
+    return box
+
+
 async def collect(r: ChannelRequest) -> list[dict[str, Any]]:
     return [m async for m in r.messages()]
 
@@ -55,9 +64,7 @@ def test_tokens_arrive_in_order_and_the_request_ends_at_its_finish():
     async def go():
         reps = Replicas("A")
         mux = ChannelMux(reps.open, channel_id=CID)
-        mux.register("r1")
-        box = reps.hubs["A"].request_started(CID)
-        await mux.bind("r1", "A")
+        box = await admitted(reps, mux, "r1", "A")
         r = request(mux, "r1")
         task = asyncio.ensure_future(collect(r))
         for t in range(5):
@@ -89,11 +96,7 @@ def test_one_message_per_step_carries_every_request_and_lagging_deltas_merge():
 
         mux.open_channel = spy
         for rid in ("a", "b", "c"):
-            mux.register(rid)
-        box = reps.hubs["A"].request_started(CID)
-        await mux.bind("a", "A")
-        await mux.bind("b", "A")
-        await mux.bind("c", "A")
+            box = await admitted(reps, mux, rid)  # one outbox: the same channel id on replica A
         reqs = {rid: request(mux, rid) for rid in "abc"}
         # Two steps' outputs land before the channel runs: one message, merged per request.
         for step in range(2):
@@ -117,9 +120,7 @@ def test_n_choices_end_when_every_choice_finished():
     async def go():
         reps = Replicas("A")
         mux = ChannelMux(reps.open, channel_id=CID)
-        mux.register("r")
-        box = reps.hubs["A"].request_started(CID)
-        await mux.bind("r", "A")
+        box = await admitted(reps, mux, "r", "A")
         r = request(mux, "r", choices=2)
         task = asyncio.ensure_future(collect(r))
         box.put("r", delta(0, [1], "stop"))
@@ -137,9 +138,7 @@ def test_an_error_on_the_request_stream_reaches_the_request():
     async def go():
         reps = Replicas("A")
         mux = ChannelMux(reps.open, channel_id=CID)
-        mux.register("r")
-        box = reps.hubs["A"].request_started(CID)
-        await mux.bind("r", "A")
+        box = await admitted(reps, mux, "r", "A")
 
         async def failing():
             await asyncio.sleep(0.02)
@@ -167,12 +166,8 @@ def test_a_broken_channel_fails_its_requests_but_not_other_replicas():
                     raise RuntimeError("replica A died")
 
         mux = ChannelMux(opener, channel_id=CID)
-        mux.register("ra")
-        mux.register("rb")
-        box_a = reps.hubs["A"].request_started(CID)
-        box_b = reps.hubs["B"].request_started(CID)
-        await mux.bind("ra", "A")
-        await mux.bind("rb", "B")
+        box_a = await admitted(reps, mux, "ra", "A")
+        box_b = await admitted(reps, mux, "rb", "B")
         ra, rb = request(mux, "ra"), request(mux, "rb")
         box_a.put("ra", delta(0, [1]))
         with pytest.raises(RuntimeError, match="replica A died"):
