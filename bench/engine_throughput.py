@@ -79,6 +79,9 @@ def run_hf_generate(model, prompts, out_len: int) -> float:
 
 
 def run_hf_generate_batch(model, prompts, out_len: int) -> float:
+    """transformers' continuous batching ``generate_batch()``. Not under inference_mode: its loop
+    runs in a thread of its own, and tensors made as inference tensors in this thread then refuse
+    that thread's in-place updates (transformers 5.17 fails every request so)."""
     from transformers import GenerationConfig
 
     cfg = GenerationConfig(
@@ -89,10 +92,12 @@ def run_hf_generate_batch(model, prompts, out_len: int) -> float:
         pad_token_id=0,
     )
     t = time.perf_counter()
-    with torch.inference_mode():
+    with torch.no_grad():
         out = model.generate_batch(inputs=prompts, generation_config=cfg, progress_bar=False)
     dt = time.perf_counter() - t
     n = sum(len(o.generated_tokens) for o in out.values())
+    if n != len(prompts) * out_len:
+        raise RuntimeError(f"generate_batch returned {n} of {len(prompts) * out_len} tokens")
     return n / dt
 
 

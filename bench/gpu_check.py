@@ -634,7 +634,7 @@ def w1_engine_and_model(args, device: torch.device, tmp: Path, state: dict):
 
 
 def w1(args, device: torch.device, tmp: Path, state: dict) -> dict:
-    from bench.engine_throughput import run_fleetlm
+    from bench.engine_throughput import run_fleetlm, run_hf_generate_batch
 
     dtype = torch.bfloat16
     shape = TINY if args.tiny else QWEN25_05B
@@ -652,7 +652,7 @@ def w1(args, device: torch.device, tmp: Path, state: dict) -> dict:
     batch_on = not args.skip_generate_batch
     if batch_on:
         try:
-            run_hf_generate_batch_on(hf, prompts, 8)  # warm-up
+            run_hf_generate_batch(hf, prompts, 8)  # warm-up
         except Exception as e:  # a peer failing must not lose the other figures
             errors["hf_generate_batch"] = f"{type(e).__name__}: {e}"[:500]
             print("generate_batch failed:", errors["hf_generate_batch"], flush=True)
@@ -663,7 +663,7 @@ def w1(args, device: torch.device, tmp: Path, state: dict) -> dict:
         if batch_on:
             sync(device)
             try:
-                rates["hf_generate_batch"].append(run_hf_generate_batch_on(hf, prompts, olen))
+                rates["hf_generate_batch"].append(run_hf_generate_batch(hf, prompts, olen))
             except Exception as e:
                 errors["hf_generate_batch"] = f"{type(e).__name__}: {e}"[:500]
                 print("generate_batch failed:", errors["hf_generate_batch"], flush=True)
@@ -856,29 +856,6 @@ def run_hf_generate_on(model, prompts, out_len: int, device: torch.device) -> fl
     dt = time.perf_counter() - t
     assert out.shape[1] == ids.shape[1] + out_len
     return len(prompts) * out_len / dt
-
-
-def run_hf_generate_batch_on(model, prompts, out_len: int) -> float:
-    """transformers' continuous batching ``generate_batch()``. Not under inference_mode: its loop
-    runs in a thread of its own, and tensors made as inference tensors in this thread then refuse
-    that thread's in-place updates (transformers 5.17 fails every request so)."""
-    from transformers import GenerationConfig
-
-    cfg = GenerationConfig(
-        max_new_tokens=out_len,
-        min_new_tokens=out_len,
-        do_sample=False,
-        eos_token_id=-1,
-        pad_token_id=0,
-    )
-    t = time.perf_counter()
-    with torch.no_grad():
-        out = model.generate_batch(inputs=prompts, generation_config=cfg, progress_bar=False)
-    dt = time.perf_counter() - t
-    n = sum(len(o.generated_tokens) for o in out.values())
-    if n != len(prompts) * out_len:
-        raise RuntimeError(f"generate_batch returned {n} of {len(prompts) * out_len} tokens")
-    return n / dt
 
 
 if __name__ == "__main__":
