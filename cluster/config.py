@@ -254,6 +254,35 @@ class ApiKey(_Strict):
         return hash_api_key(key)
 
 
+class LimitsConfig(_Strict):
+    """Request limits checked at the HTTP edge before any tokenizing or queueing (each a 4xx
+    OpenAI error object naming the field; see deployments/limits.py)."""
+
+    max_body_bytes: int = Field(
+        8 * 2**20, ge=1024, description="Largest request body in bytes; larger gets a 413."
+    )
+    prompt_chars_per_token: int = Field(
+        32,
+        ge=1,
+        description="A prompt longer than max_model_len times this many characters can't fit the "
+        "context window and is refused before it is tokenized (raise it for a tokenizer whose "
+        "tokens can span more characters).",
+    )
+    max_n: int = Field(16, ge=1, le=16, description="Most choices (n) per request.")
+    max_logprobs: int = Field(
+        20, ge=0, le=20, description="Most top logprobs per token (logprobs / top_logprobs)."
+    )
+    max_stop_strings: int = Field(16, ge=0, description="Most stop strings per request.")
+    max_stop_string_chars: int = Field(256, ge=1, description="Longest stop string (characters).")
+    max_stop_token_ids: int = Field(64, ge=0, description="Most stop_token_ids per request.")
+    max_prompts: int = Field(
+        64, ge=1, description="Most prompts in one /v1/completions request (a prompt list)."
+    )
+    max_tokens: int | None = Field(
+        None, ge=1, description="Largest max_tokens a request may ask for; null: the context."
+    )
+
+
 class RayConfig(_Strict):
     """Which Ray cluster to use."""
 
@@ -277,6 +306,9 @@ class ClusterConfig(_Strict):
         default_factory=list, description="Accepted API keys; empty: no key needed."
     )
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster to run on.")
+    limits: LimitsConfig = Field(
+        default_factory=LimitsConfig, description="Request limits at the HTTP edge."
+    )
 
     @model_validator(mode="after")
     def _unique(self) -> ClusterConfig:

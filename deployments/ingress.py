@@ -22,6 +22,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.ingress_metrics import RequestTimer, rt_metrics
+from deployments.limits import BodySizeLimit, Limits, check_request
 from deployments.model_runtime import ModelRuntime, load_runtime
 from deployments.openai_format import (
     SSE_DONE,
@@ -34,6 +35,8 @@ from deployments.openai_format import (
     sse_error,
     usage_of,
 )
+from deployments.openapi import AUTH_ERRORS, CHAT_RESPONSES, COMPLETION_RESPONSES, openapi_schema
+from deployments.output_channel import ChannelRequest
 from deployments.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -41,12 +44,14 @@ from deployments.protocol import (
     error_body,
     validation_error_to_api,
 )
-from deployments.replica_call import Call, call_deltas, internal_error, new_channel_mux, open_call
+from deployments.replica_call import call_deltas, internal_error, new_channel_mux, open_call
 from engine.block_hash import block_hashes
 
 logger = logging.getLogger("ray.serve")
 
-app = FastAPI(title="fleetlm", docs_url=None, redoc_url=None, openapi_url=None)
+app = FastAPI(title="fleetlm", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
+app.openapi = lambda: openapi_schema(app)  # type: ignore[method-assign]
+app.add_middleware(BodySizeLimit)  # 413 before the body is read (deployments/limits.py)
 
 
 def error_response(err: APIError) -> JSONResponse:
@@ -67,9 +72,8 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-    return JSONResponse(
-        error_body(str(exc.detail), kind, None, exc.status_code), status_code=exc.status_code
-    )
+    code: Any = "request_too_large" if exc.status_code == 413 else exc.status_code
+    return JSONResponse(error_body(str(exc.detail), kind, None, code), status_code=exc.status_code)
 
 
 @serve.ingress(app)
@@ -81,12 +85,13 @@ class OpenAIIngress:
 
         cfg = ClusterConfig.model_validate(cluster)
         self.key_digests = set(cfg.api_key_digests())
+        self.limits = Limits.from_config(cfg.limits)
+        BodySizeLimit.set_limit(self.limits.max_body_bytes)
         self.runtimes: dict[str, ModelRuntime] = {
             mc.name: load_runtime(mc, servers[mc.name]) for mc in cfg.models
         }
-        if cfg.router.output_channels:
-            for rt in self.runtimes.values():
-                rt.channels = new_channel_mux(rt.handle)
+        for rt in self.runtimes.values():
+            rt.channels = new_channel_mux(rt.handle)
         self.created = int(time.time())
 
     # -- routes -------------------------------------------------------------------------------
@@ -94,7 +99,7 @@ class OpenAIIngress:
     async def health(self) -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics(self) -> PlainTextResponse:
         try:
             from deployments.metrics import prometheus_text
@@ -102,7 +107,7 @@ class OpenAIIngress:
             return PlainTextResponse("", media_type="text/plain; version=0.0.4")
         return PlainTextResponse(await prometheus_text(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=AUTH_ERRORS)
     async def models(self, request: Request) -> dict[str, Any]:
         self._auth(request)
         data = [
@@ -117,11 +122,11 @@ class OpenAIIngress:
         ]
         return {"object": "list", "data": data}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=COMPLETION_RESPONSES)
     async def completions(self, request: Request, body: CompletionRequest) -> Any:
         return await self._serve(request, body, chat=False)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=CHAT_RESPONSES)
     async def chat_completions(self, request: Request, body: ChatCompletionRequest) -> Any:
         return await self._serve(request, body, chat=True)
 
@@ -184,6 +189,7 @@ class OpenAIIngress:
     ) -> Any:
         namespace = self._auth(request)
         rt = self._runtime(body.model)
+        check_request(body, self.limits, rt.max_model_len)  # before any tokenizing or queueing
         sampling = body.sampling()
         n = body.n
         cached = await rt.cache_lookup(namespace, body)
@@ -194,7 +200,7 @@ class OpenAIIngress:
         session = request.headers.get("x-session-id")
         if session:
             req["session_id"] = session
-        call = await open_call(rt, req, rid)
+        call = await open_call(rt.handle, rt.channels, req, rid, rt.name)
         headers = {"x-fleetlm-replica": call.replica, "x-fleetlm-cache": "miss"}
         tracker = RequestTimer(rt.name, t0)
         writer = ChunkWriter(chat, rid, int(time.time()), rt.name, rt.token_text)
@@ -255,7 +261,7 @@ class OpenAIIngress:
         self,
         rt: ModelRuntime,
         body: CompletionRequest | ChatCompletionRequest,
-        call: Call,
+        call: ChannelRequest,
         n: int,
         writer: ChunkWriter,
         tracker: RequestTimer,

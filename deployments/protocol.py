@@ -258,7 +258,8 @@ def validation_error_to_api(errors: list[dict[str, Any]]) -> APIError:
     loc = [str(x) for x in e.get("loc", ()) if x not in ("body",)]
     # Union members show up in loc as type names ("str", "list[int]"); keep the user's path only.
     path = [p for p in loc if not any(c in p for c in "[]") and p not in ("str", "int", "function")]
-    field = ".".join(path) or None
+    # A field name is client text: escape what UTF-8 can't carry (lone surrogates).
+    field = ".".join(path).encode("utf-8", "backslashreplace").decode() or None
     msg = e.get("msg", "invalid value")
     if e.get("type") == "extra_forbidden":
         msg = "unknown field"

@@ -1,9 +1,29 @@
-"""Per-request sampling parameters, validated once at the edge of the engine."""
+"""Per-request sampling parameters, validated once at the edge of the engine.
+
+The rule: a value a client can send must never fail inside a batched engine step, where it would
+take every other request of the step down with it. So beyond the meaning checks, every integer must
+fit torch's int64 (seeds, token ids), and values that make the float32 arithmetic of a step
+overflow are refused (repetition penalties far from 1) or clamped (temperatures between 0 and
+MIN_TEMPERATURE, as vLLM does).
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# Seeds as vLLM takes them (torch.long); choice i of n uses seed + i, which torch's
+# Generator.manual_seed still accepts (it takes [-2**63, 2**64 - 1]).
+SEED_MIN, SEED_MAX = INT64_MIN, INT64_MAX
+# Below this a temperature divides logits into float32 overflow (inf -> NaN probabilities).
+MIN_TEMPERATURE = 1e-2
+REPETITION_PENALTY_RANGE = (1e-2, 100.0)
+MAX_LOGPROBS = 20
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 @dataclass
@@ -29,6 +49,8 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.validate()
+        if 0.0 < self.temperature < MIN_TEMPERATURE:
+            self.temperature = MIN_TEMPERATURE
 
     @property
     def greedy(self) -> bool:
@@ -47,36 +69,46 @@ class SamplingParams:
         finite("top_p", self.top_p)
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not isinstance(self.top_k, int) or self.top_k < -1:
+        if not _is_int(self.top_k) or not -1 <= self.top_k <= INT64_MAX:
             raise ValueError(
-                f"top_k must be an integer >= -1 (0 or -1 disable it), got {self.top_k!r}"
+                f"top_k must be an integer in [-1, 2**63 - 1] (0 or -1 disable it), "
+                f"got {self.top_k!r}"
             )
         finite("min_p", self.min_p)
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.seed is not None and (
-            not isinstance(self.seed, int) or isinstance(self.seed, bool)
+            not _is_int(self.seed) or not SEED_MIN <= self.seed <= SEED_MAX
         ):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+            raise ValueError(f"seed must be an integer in [-2**63, 2**63 - 1], got {self.seed!r}")
         if self.max_tokens is not None and (
-            not isinstance(self.max_tokens, int) or self.max_tokens < 1
+            not _is_int(self.max_tokens) or not 1 <= self.max_tokens <= INT64_MAX
         ):
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
-            raise ValueError(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
+            raise ValueError(
+                f"max_tokens must be an integer in [1, 2**63 - 1], got {self.max_tokens!r}"
+            )
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= INT64_MAX:
+            raise ValueError(
+                f"min_tokens must be an integer in [0, 2**63 - 1], got {self.min_tokens!r}"
+            )
         if not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError("stop must be a non-empty string or a list of non-empty strings")
-        if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
-            raise ValueError("stop_token_ids must be a list of non-negative integers")
+        if not all(_is_int(t) and 0 <= t <= INT64_MAX for t in self.stop_token_ids):
+            raise ValueError("stop_token_ids must be a list of integers in [0, 2**63 - 1]")
         if self.logprobs is not None and (
-            not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20
+            not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS
         ):
-            raise ValueError(f"logprobs must be an integer in [0, 20], got {self.logprobs!r}")
+            raise ValueError(
+                f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}"
+            )
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
             finite(name, v)
             if not -2.0 <= v <= 2.0:
                 raise ValueError(f"{name} must be in [-2, 2], got {v}")
         finite("repetition_penalty", self.repetition_penalty)
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        lo, hi = REPETITION_PENALTY_RANGE
+        if not lo <= self.repetition_penalty <= hi:
+            raise ValueError(
+                f"repetition_penalty must be in [{lo:g}, {hi:g}], got {self.repetition_penalty}"
+            )
