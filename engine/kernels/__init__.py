@@ -1,0 +1,96 @@
+"""Paged attention ops over the KV cache, picked by the cache's device: Triton kernels on CUDA
+(engine/kernels/triton_attention.py), the torch implementation elsewhere
+(engine/kernels/reference.py, also the tests' reference). Triton is imported only on first use on
+CUDA, so CPU processes never load it.
+
+    store_kv(k, v, k_cache, v_cache, slot_mapping)
+    paged_decode(q, k_cache, v_cache, block_tables, context_lens, block_size, scale) -> [B, H, D]
+    paged_prefill(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, block_size,
+                  scale, max_query_len=None) -> [T, H, D]
+
+Layouts and semantics: reference.py's docstrings.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from types import ModuleType
+
+import torch
+
+from engine.kernels import reference
+
+logger = logging.getLogger(__name__)
+
+
+@functools.cache
+def _triton_module() -> ModuleType | None:
+    try:
+        from engine.kernels import triton_attention
+    except ImportError as e:  # a CUDA torch without triton: the torch path still works
+        logger.warning("triton unavailable (%s): paged attention runs in torch on CUDA", e)
+        return None
+    return triton_attention
+
+
+def backend(device: torch.device) -> ModuleType:
+    """The module whose functions serve ``device``: triton_attention on CUDA when triton imports,
+    reference otherwise."""
+    if device.type == "cuda":
+        mod = _triton_module()
+        if mod is not None:
+            return mod
+    return reference
+
+
+def backend_name(device: torch.device) -> str:
+    return "triton" if backend(device) is not reference else "torch"
+
+
+def store_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    backend(k_cache.device).store_kv(k, v, k_cache, v_cache, slot_mapping)
+
+
+def paged_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_size: int,
+    scale: float,
+) -> torch.Tensor:
+    return backend(k_cache.device).paged_decode(
+        q, k_cache, v_cache, block_tables, context_lens, block_size, scale
+    )
+
+
+def paged_prefill(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_size: int,
+    scale: float,
+    max_query_len: int | None = None,
+) -> torch.Tensor:
+    return backend(k_cache.device).paged_prefill(
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        query_start_loc,
+        seq_lens,
+        block_size,
+        scale,
+        max_query_len=max_query_len,
+    )
