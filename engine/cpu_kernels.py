@@ -16,7 +16,8 @@ _failed = False
 
 
 def paged_decode_kernel():
-    """The compiled module (with ``paged_decode``) or None."""
+    """The compiled module (``paged_attention``, ``paged_decode``, ``store_kv``; see
+    csrc/paged_attention.cpp) or None."""
     global _module, _failed
     if _module is not None or _failed:
         return _module
@@ -28,15 +29,15 @@ def paged_decode_kernel():
             try:
                 from torch.utils.cpp_extension import load
 
-                src = Path(__file__).parent / "csrc" / "paged_decode.cpp"
+                src = Path(__file__).parent / "csrc" / "paged_attention.cpp"
                 _module = load(
-                    name="fleetlm_paged_decode",
+                    name="fleetlm_cpu_kernels",
                     sources=[str(src)],
                     extra_cflags=["-O3", "-march=native", "-fopenmp"],
                     extra_ldflags=["-fopenmp"],
                     verbose=False,
                 )
             except Exception as e:  # no compiler, no ninja, ...: fall back, say why once
-                logger.warning("CPU paged-decode kernel unavailable (%s); using torch ops", e)
+                logger.warning("CPU paged-attention kernels unavailable (%s); using torch ops", e)
                 _failed = True
     return _module

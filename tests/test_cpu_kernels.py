@@ -64,3 +64,58 @@ def test_kernel_ignores_padding_past_each_length():
         pytest.skip("slot 0 is a real context slot in this draw")
     after = kernel.paged_decode(q, k, v, junk, lens, scale)
     torch.testing.assert_close(after, before, atol=0, rtol=0)
+
+
+def _varlen_case(seed: int, q_lens, ctx_before, kv_heads=2, group=2, head_dim=32, block=16):
+    """Requests with q_lens[i] new tokens after ctx_before[i] cached ones, on scattered blocks."""
+    g = torch.Generator().manual_seed(seed)
+    num_blocks = 96
+    k = torch.randn(num_blocks * block, kv_heads, head_dim, generator=g)
+    v = torch.randn(num_blocks * block, kv_heads, head_dim, generator=g)
+    seq_lens = [a + b for a, b in zip(q_lens, ctx_before, strict=True)]
+    max_blocks = max(-(-s // block) for s in seq_lens) + 1
+    perm = torch.randperm(num_blocks, generator=g)
+    tables = torch.full((len(q_lens), max_blocks), -1, dtype=torch.int32)
+    used = 0
+    for i, s in enumerate(seq_lens):
+        nb = -(-s // block)
+        tables[i, :nb] = perm[used : used + nb].to(torch.int32)
+        used += nb
+    qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(int(qsl[-1]), kv_heads * group, head_dim, generator=g)
+    return q, k, v, tables, qsl, torch.tensor(seq_lens, dtype=torch.int32), block
+
+
+@pytest.mark.parametrize(
+    "q_lens,ctx_before",
+    [
+        ([1, 1, 1], [5, 40, 16]),  # decode
+        ([7, 1, 20], [0, 33, 17]),  # fresh prefill, decode, prefill after cached context
+        ([5], [100]),  # speculative verification rows
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_varlen_paged_attention_matches_reference(q_lens, ctx_before, dtype):
+    from engine.models.attention import paged_reference
+
+    q, k, v, bt, qsl, lens, block = _varlen_case(len(q_lens), q_lens, ctx_before)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    scale = q.shape[-1] ** -0.5
+    got = kernel.paged_attention(q, k, v, bt, qsl, lens, block, scale)
+    want = paged_reference(q.float(), k.float(), v.float(), bt, qsl, lens, block, scale)
+    tol = dict(atol=2e-6, rtol=2e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(got.float(), want, **tol)
+
+
+def test_varlen_empty_sequence_gives_zeros_and_store_kv_skips_minus_one():
+    q, k, v, bt, qsl, lens, block = _varlen_case(7, [1, 1], [9, 0])
+    lens[1] = 0  # a padding row of a static decode batch
+    out = kernel.paged_attention(q, k, v, bt, qsl, lens, block, 0.2)
+    assert torch.count_nonzero(out[1]) == 0 and torch.count_nonzero(out[0]) > 0
+    kc, vc = k.clone(), v.clone()
+    new_k = torch.randn(3, *k.shape[1:])
+    new_v = torch.randn(3, *k.shape[1:])
+    kernel.store_kv(new_k, new_v, kc, vc, torch.tensor([5, -1, 17]))
+    assert torch.equal(kc[5], new_k[0]) and torch.equal(vc[17], new_v[2])
+    changed = (kc != k).any(dim=(1, 2)).nonzero().flatten().tolist()
+    assert changed == [5, 17]
