@@ -22,6 +22,7 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Request
 from engine.spec_decode import SpecController, SpeculativeConfig, ngram_propose, verify
+from engine.structured import StructuredDecoding
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +84,8 @@ class LLMEngine:
             config.enable_chunked_prefill,
         )
         self.sampler = Sampler(self.runner.device, config.seed)
+        # Grammar matchers of constrained requests (response_format, tool calls).
+        self.structured = StructuredDecoding(self.tokenizer, self.vocab_size, self.eos_token_ids)
         self.spec: SpecController | None = None
         self.draft_runner: ModelRunner | None = None
         if config.speculative:
@@ -150,6 +153,8 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already running")
         self.validate(prompt_token_ids, params)
+        if params.structured is not None:  # compiles (cached per spec): GrammarError if it can't
+            self.structured.add(request_id, params.structured)
         req = Request(request_id, prompt_token_ids, params, self.block_size, self.eos_token_ids)
         self.requests[request_id] = req
         self.detoks[request_id] = IncrementalDetokenizer(
@@ -169,6 +174,7 @@ class LLMEngine:
         self.scheduler.abort(req)
         self.detoks.pop(request_id, None)
         self.sampler.forget(request_id)
+        self.structured.forget(request_id)
         if self.spec is not None:
             self.spec.forget(request_id)
         return True
@@ -198,7 +204,10 @@ class LLMEngine:
         result: dict[str, tuple[list[int], list | None, int]] = {}
         if plain:
             idx = torch.tensor([i for _, i in plain], dtype=torch.long)
-            toks, lps = self.sampler.sample(logits[idx], [r for r, _ in plain])
+            rows = logits[idx]
+            if self.structured.active:  # grammar masks on the constrained rows only
+                self.structured.apply(rows, [r.request_id for r, _ in plain])
+            toks, lps = self.sampler.sample(rows, [r for r, _ in plain])
             for (r, _), t, lp in zip(plain, toks, lps, strict=True):
                 result[r.request_id] = ([t], [lp] if lp is not None else None, 0)
         for r, i, drafts in spec:
@@ -221,6 +230,8 @@ class LLMEngine:
                 continue
             _, lps, _ = result[req.request_id]
             kept = req.token_ids[before:]  # tokens past a stop condition were not appended
+            if kept and self.structured.constrained(req.request_id):
+                self._grammar_accept(req, kept)
             if req.first_token_time is None:
                 req.first_token_time = now
             self.generation_tokens_total += len(kept)
@@ -269,6 +280,13 @@ class LLMEngine:
             # KV now holds the known tokens and drafts d[0..k-2] (d[k-1] was never fed back).
             self.spec.draft_wrote(r, r.num_tokens + k - 1)
 
+    def _grammar_accept(self, req: Request, kept: list[int]) -> None:
+        """Feed the request's accepted tokens to its grammar; a grammar that can take nothing more
+        (only EOS) ends the request with "stop" (also under ignore_eos / min_tokens)."""
+        if self.structured.accept(req.request_id, kept) and not req.is_finished:
+            self.scheduler.finish(req, "stop")
+            self.scheduler._remove_finished(req)
+
     def _output(self, req: Request, new: list[int], lps) -> RequestOutput:
         detok = self.detoks[req.request_id]
         text, hit_stop = detok.add(new, req.is_finished)
@@ -281,6 +299,7 @@ class LLMEngine:
             self.requests.pop(req.request_id, None)
             self.detoks.pop(req.request_id, None)
             self.sampler.forget(req.request_id)
+            self.structured.forget(req.request_id)
             if self.spec is not None:
                 self.spec.forget(req.request_id)
         return RequestOutput(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # Seeds as vLLM takes them (torch.long); choice i of n uses seed + i, which torch's
@@ -44,6 +45,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # Grammar-constrained output (engine/structured.py): {"type": "json", "schema": {...}} or
+    # {"type": "lark", "grammar": "..."}; None: unconstrained.
+    structured: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -112,3 +116,7 @@ class SamplingParams:
             raise ValueError(
                 f"repetition_penalty must be in [{lo:g}, {hi:g}], got {self.repetition_penalty}"
             )
+        if self.structured is not None:
+            from engine.structured import check_spec
+
+            check_spec(self.structured)

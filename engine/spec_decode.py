@@ -150,6 +150,8 @@ class SpecController:
                 continue
             if p.repetition_penalty != 1.0:
                 continue
+            if p.structured is not None:  # grammar-constrained: drafts would bypass the mask
+                continue
             if self.tracks.get(r.request_id, _Track()).paused_until > self.step:
                 continue
             out.append(r)
