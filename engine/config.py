@@ -33,6 +33,12 @@ class EngineConfig:
         None  # {"method": "ngram"|"draft_model", "num_tokens": k, ...}
     )
     tensor_parallel_size: int = 1
+    # auto: our own model code (engine/models/) for the families it has, transformers' modules for
+    # the rest; fleetlm: own code or an error; transformers: always transformers' modules.
+    model_impl: Literal["auto", "fleetlm", "transformers"] = "auto"
+    # CUDA only: decode-only steps replay a CUDA graph per batch-size bucket unless this is set.
+    # Accepted everywhere; on CPU it changes nothing (decode runs eagerly there).
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -71,9 +77,15 @@ class EngineConfig:
             raise ValueError(
                 f"quantization must be null, 'int8' or 'int8-w8a8', got {self.quantization!r}"
             )
+        if self.model_impl not in ("auto", "fleetlm", "transformers"):
+            raise ValueError(
+                f"model_impl must be 'auto', 'fleetlm' or 'transformers', got {self.model_impl!r}"
+            )
         if self.prefix_cache_eviction not in ("lru", "slru"):
             raise ValueError(
                 f"prefix_cache_eviction must be 'lru' or 'slru', got {self.prefix_cache_eviction!r}"
             )
+        if not isinstance(self.enforce_eager, bool):
+            raise ValueError(f"enforce_eager must be true or false, got {self.enforce_eager!r}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
             raise ValueError("num_kv_blocks must be >= 2")
