@@ -110,6 +110,12 @@ class ModelConfig(_Strict):
     caches: CacheConfig = Field(
         default_factory=CacheConfig, description="Exact and semantic response caches."
     )
+    tool_parser: Literal["hermes", "llama3_json"] | None = Field(
+        None,
+        description="Tool-call format the model emits: hermes (<tool_call>{...}</tool_call>: "
+        "Hermes, Qwen2.5, the demo models) or llama3_json (Llama 3.1 JSON). Default: chosen from "
+        "the model's chat template.",
+    )
 
     @field_validator("name")
     @classmethod

@@ -29,8 +29,6 @@ from deployments.openai_format import (
     ChoiceState,
     ChunkWriter,
     apply_delta,
-    chat_body,
-    completion_body,
     public_finish_reason,
     sse_error,
     usage_of,
@@ -45,6 +43,7 @@ from deployments.protocol import (
     validation_error_to_api,
 )
 from deployments.replica_call import call_deltas, internal_error, new_channel_mux, open_call
+from deployments.tool_calls import ToolUse, tool_use
 from engine.block_hash import block_hashes
 
 logger = logging.getLogger("ray.serve")
@@ -191,11 +190,14 @@ class OpenAIIngress:
         rt = self._runtime(body.model)
         check_request(body, self.limits, rt.max_model_len)  # before any tokenizing or queueing
         sampling = body.sampling()
+        tools = tool_use(body, rt.tool_parser) if chat else None
+        if tools is not None and tools.spec is not None:
+            sampling["structured"] = tools.spec  # a forced call: its grammar wins
         n = body.n
         cached = await rt.cache_lookup(namespace, body)
         if cached is not None:
             return self._cached_response(rt, body, chat, rid, cached, t0)
-        prompts = await self._prompt_ids(rt, body, chat)
+        prompts = await self._prompt_ids(rt, body, chat, tools)
         req = self._replica_request(rt, rid, prompts, sampling, n)
         session = request.headers.get("x-session-id")
         if session:
@@ -203,7 +205,9 @@ class OpenAIIngress:
         call = await open_call(rt.handle, rt.channels, req, rid, rt.name)
         headers = {"x-fleetlm-replica": call.replica, "x-fleetlm-cache": "miss"}
         tracker = RequestTimer(rt.name, t0)
-        writer = ChunkWriter(chat, rid, int(time.time()), rt.name, rt.token_text)
+        writer = ChunkWriter(
+            chat, rid, int(time.time()), rt.name, rt.token_text, tools.fmt if tools else None
+        )
         if body.stream:
             gen = self._sse(rt, body, call, n, writer, tracker, namespace)
             return StreamingResponse(gen, media_type="text/event-stream", headers=headers)
@@ -212,18 +216,23 @@ class OpenAIIngress:
             tracker.chunk(sum(len(d["token_ids"]) for _, d in items))
             for idx, d in items:
                 apply_delta(states[idx], d)
-        build = chat_body if chat else completion_body
-        out = build(rid, writer.created, rt.name, dict(states), n, rt.token_text)
+        out = writer.body(dict(states), n)
         tracker.done(public_finish_reason(states[0].finish_reason))
         await rt.cache_store(namespace, body, out)
         return JSONResponse(out, headers=headers)
 
     async def _prompt_ids(
-        self, rt: ModelRuntime, body: CompletionRequest | ChatCompletionRequest, chat: bool
+        self,
+        rt: ModelRuntime,
+        body: CompletionRequest | ChatCompletionRequest,
+        chat: bool,
+        tools: ToolUse | None = None,
     ) -> list[list[int]]:
         if chat:
             assert isinstance(body, ChatCompletionRequest)
-            text = rt.render_chat(body.chat_messages(), body.add_generation_prompt)
+            text = rt.render_chat(
+                body.chat_messages(), body.add_generation_prompt, tools.tools if tools else None
+            )
             return [await self._encode((rt.name, text, False))]
         assert isinstance(body, CompletionRequest)
         prompts = body.prompts()
@@ -291,8 +300,7 @@ class OpenAIIngress:
         finally:
             await deltas.aclose()
         tracker.done(public_finish_reason(states[0].finish_reason))
-        build = chat_body if writer.chat else completion_body
-        full = build(writer.rid, writer.created, rt.name, dict(states), n, rt.token_text)
+        full = writer.body(dict(states), n)
         await rt.cache_store(namespace, body, full)
 
     def _cached_response(

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from deployments.protocol import APIError, bad_request
+from deployments.tool_calls import parser_for_template
 
 logger = logging.getLogger("ray.serve")
 
@@ -25,20 +26,29 @@ class ModelRuntime:
     vocab_size: int
     cache: Any = None  # ResponseCacheLayer or None
     channels: Any = None  # output_channel.ChannelMux to this model's replicas, or None
+    tool_parser: str = "hermes"  # tool-call format of the model (deployments/tool_calls.py)
     _token_text: dict[int, str] = field(default_factory=dict)
 
     def encode(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
         enc = self.tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
         return [list(ids) for ids in enc]
 
-    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    def render_chat(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:
         if not getattr(self.tokenizer, "chat_template", None):
             raise bad_request(
                 f"model {self.name!r} has no chat template; use /v1/completions", "messages"
             )
         try:
             return self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+                messages,
+                tools=tools or None,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
             )
         except Exception as e:  # a template may raise on role order etc.: the client's input
             raise bad_request(f"chat template rejected the messages: {e}", "messages") from None
@@ -113,6 +123,8 @@ def load_runtime(mc: Any, handle: Any) -> ModelRuntime:
         block_size=ec.block_size,
         vocab_size=vocab,
         cache=_cache_layer(mc),
+        tool_parser=getattr(mc, "tool_parser", None)
+        or parser_for_template(getattr(tokenizer, "chat_template", None)),
     )
 
 

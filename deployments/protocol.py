@@ -1,8 +1,8 @@
 """OpenAI wire format at the HTTP edge: request bodies (pydantic), error objects, sampling dicts.
 
 Requests are validated here once; everything behind the ingress works on plain dicts. Parameters we
-cannot honour (echo, suffix, logit_bias, tools, ...) are rejected with a 400 naming the field rather
-than silently ignored, so a client never gets output that ignored what it asked for.
+cannot honour (echo, suffix, logit_bias, functions, ...) are rejected with a 400 naming the field
+rather than silently ignored, so a client never gets output that ignored what it asked for.
 """
 
 from __future__ import annotations
@@ -78,6 +78,12 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool = False
 
 
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    json_schema: dict[str, Any] | None = None  # {"name", "schema", "strict", "description"}
+
+
 class _SamplingFields(BaseModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
@@ -103,6 +109,7 @@ class _SamplingFields(BaseModel):
     include_stop_str_in_output: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
 
     def _common_checks(self) -> None:
         if self.logit_bias:
@@ -139,6 +146,11 @@ class _SamplingFields(BaseModel):
         d["logprobs"] = logprobs
         d["skip_special_tokens"] = self.skip_special_tokens
         d["include_stop_str_in_output"] = self.include_stop_str_in_output
+        from deployments.response_format import structured_spec  # imports this module
+
+        spec = structured_spec(self.response_format)
+        if spec is not None:
+            d["structured"] = spec
         check_sampling(d)
         return d
 
@@ -193,10 +205,24 @@ class ContentPart(BaseModel):
     text: str
 
 
+class ToolCallFunction(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class MessageToolCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")  # e.g. "name"; tool fields are refused below
+    model_config = ConfigDict(extra="allow")  # e.g. "name"
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
+    tool_calls: list[MessageToolCall] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool turn: the call it answers
 
     def text(self) -> str:
         if self.content is None:
@@ -206,9 +232,28 @@ class ChatMessage(BaseModel):
         return "".join(p.text for p in self.content)
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    type: str
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -217,30 +262,25 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     functions: list[dict[str, Any]] | None = None
-    response_format: ResponseFormat | None = None
     add_generation_prompt: bool = True
 
-    def chat_messages(self) -> list[dict[str, str]]:
+    def chat_messages(self) -> list[dict[str, Any]]:
         # "developer" is OpenAI's new name for "system"; chat templates know "system" only.
-        out = []
-        for m in self.messages:
-            if m.role == "tool" or getattr(m, "tool_calls", None):
-                raise bad_request("tool messages are not supported", "messages")
-            role = "system" if m.role == "developer" else m.role
-            out.append({"role": role, "content": m.text()})
-        return out
+        from deployments.tool_calls import template_message
+
+        return [template_message(m) for m in self.messages]
 
     def sampling(self) -> dict[str, Any]:
         self._common_checks()
-        if self.tools or self.functions:
-            raise bad_request("tools are not supported", "tools" if self.tools else "functions")
-        if self.tool_choice not in (None, "none"):
-            raise bad_request("tool_choice is not supported", "tool_choice")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise bad_request("only response_format type 'text' is supported", "response_format")
+        if self.functions:
+            raise bad_request("functions is not supported; use tools", "functions")
+        from deployments.tool_calls import check_tool_choice
+
+        check_tool_choice(self)
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
         max_tokens = self.max_completion_tokens

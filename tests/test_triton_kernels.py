@@ -30,6 +30,25 @@ def test_dispatch_off_cuda_is_the_torch_reference():
     assert "triton" not in sys.modules or os.environ.get("TRITON_INTERPRET") is None
 
 
+def test_paged_attention_decode_route_equals_varlen():
+    """The varlen entry: one query row per sequence with max_query_len=1 takes the decode path;
+    the result equals the general (prefill) path's, padding rows (seq_len 0) included."""
+    g = torch.Generator().manual_seed(0)
+    block_size, hkv, h, d = 4, 2, 6, 8
+    k_cache = torch.randn(20 * block_size, hkv, d, generator=g)
+    v_cache = torch.randn(20 * block_size, hkv, d, generator=g)
+    seq_lens = torch.tensor([5, 0, 13, 1], dtype=torch.int32)
+    tables = torch.randperm(20, generator=g)[:16].view(4, 4).to(torch.int32)
+    q = torch.randn(4, h, d, generator=g)
+    qsl = torch.arange(5, dtype=torch.int32)
+    args = (q, k_cache, v_cache, tables, qsl, seq_lens, block_size, 0.3)
+    fast = kernels.paged_attention(*args, max_query_len=1)
+    general = reference.paged_prefill(*args)
+    torch.testing.assert_close(fast, general, rtol=1e-6, atol=1e-6)
+    assert torch.all(fast[1] == 0)
+    torch.testing.assert_close(kernels.paged_attention(*args), general, rtol=1e-6, atol=1e-6)
+
+
 def test_triton_kernels_under_interpreter(tmp_path):
     pytest.importorskip("triton")  # the "test" extra installs it
     report = tmp_path / "cases.xml"

@@ -7,8 +7,13 @@ CUDA, so CPU processes never load it.
     paged_decode(q, k_cache, v_cache, block_tables, context_lens, block_size, scale) -> [B, H, D]
     paged_prefill(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, block_size,
                   scale, max_query_len=None) -> [T, H, D]
+    paged_attention(...same as paged_prefill...) -> [T, H, D]
 
-Layouts and semantics: reference.py's docstrings.
+``paged_attention`` is the varlen entry of engine/csrc/paged_attention.cpp's signature (decode,
+prefill over cached context and verification rows in one call): on CUDA it takes the decode
+kernel when every sequence has exactly one query row (``max_query_len == 1`` and T == N; the
+runner knows this without a device sync, as a captured decode graph needs) and the prefill kernel
+otherwise. Layouts and semantics: reference.py's docstrings.
 """
 
 from __future__ import annotations
@@ -84,6 +89,34 @@ def paged_prefill(
     max_query_len: int | None = None,
 ) -> torch.Tensor:
     return backend(k_cache.device).paged_prefill(
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        query_start_loc,
+        seq_lens,
+        block_size,
+        scale,
+        max_query_len=max_query_len,
+    )
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_size: int,
+    scale: float,
+    max_query_len: int | None = None,
+) -> torch.Tensor:
+    mod = backend(k_cache.device)
+    if max_query_len == 1 and q.shape[0] == seq_lens.shape[0]:
+        # One query row per sequence, in order: decode (seq_len 0 rows are padding: zeros).
+        return mod.paged_decode(q, k_cache, v_cache, block_tables, seq_lens, block_size, scale)
+    return mod.paged_prefill(
         q,
         k_cache,
         v_cache,
