@@ -20,6 +20,19 @@ One run, same machine, same model, same prompts:
     python bench/routing.py --groups 8 --prompts-per-group 8 --skip-w1     # a quicker look
     python bench/routing.py --skip-w2 --w1-per-request-streams --vllm-python ...   # W1 only
 
+W6 (``--workload w6``, bench/w6.py; W1 and W2 are not run): many tenants whose prefixes overflow
+the cluster's cache, Poisson arrivals on a ramp of ``--rates`` (one ``--step-s`` step each, in
+order, on the same replicas; each step drains before the next), once per policy on freshly
+deployed replicas: round_robin, pow2, Ray Serve's PrefixCacheAffinityRouter as it ships
+(``ray_prefix_affinity``) and with its imbalanced_threshold set to ``--imbalance``
+(``ray_prefix_affinity_tuned``), fleetlm's prefix_aware. Per policy and rate: mean/p90 TTFT,
+output tok/s, hit rate, the ideal hit rate, failed requests (no first token within
+``--request-timeout-s``), each replica's queue depth over time (from the ingress's /metrics). The
+JSON's "W6" holds each policy's figures at the highest rate at which pow2 completed every request;
+``--png`` draws p90 TTFT against rate, one line per policy.
+
+    python bench/routing.py --workload w6 --json out/w6.json --png out/w6.png
+
 Targets (issue 3): prefix_aware >= 2x pow2's prefix-cache hit rate and <= 0.6x its mean TTFT;
 fleetlm >= 1.0x vLLM on W1 output tok/s.
 """
@@ -48,6 +61,14 @@ from cluster.config import ClusterConfig
 from cluster.serve_config import APP_NAME
 
 POLICIES = ("prefix_aware", "pow2", "round_robin")
+W6_POLICIES = (
+    "round_robin",
+    "pow2",
+    "ray_prefix_affinity",
+    "ray_prefix_affinity_tuned",
+    "prefix_aware",
+)
+_QUEUE_RE = re.compile(r"^ray_fleetlm_num_requests_(waiting|running)\{([^}]*)\}\s+([0-9.eE+-]+)")
 BLOCK_SIZE = 16  # EngineConfig's default; the KV sizing below counts in these blocks
 _DECISION_RE = re.compile(r"^ray_fleetlm_router_decisions_total\{([^}]*)\}\s+([0-9.eE+-]+)")
 
@@ -89,6 +110,7 @@ def cluster_config(
     engine: dict[str, Any],
     cpus_per_replica: float,
     output_channels: bool = True,
+    ray_imbalanced_threshold: int | None = None,
 ) -> ClusterConfig:
     return ClusterConfig.model_validate(
         {
@@ -108,6 +130,7 @@ def cluster_config(
                 "imbalance": imbalance,
                 "stats_period_s": 1.0,
                 "output_channels": output_channels,
+                "ray_imbalanced_threshold": ray_imbalanced_threshold,
             },
             "http": {"host": "127.0.0.1", "port": port},
         }
@@ -343,6 +366,214 @@ def run_w1_vllm(args: argparse.Namespace) -> dict:
     return {"median": statistics.median(runs), "runs": runs}
 
 
+async def _queue_depths(url: str, period_s: float, stop: asyncio.Event) -> list[dict[str, Any]]:
+    """Every replica's waiting + running requests, read from /metrics every ``period_s`` (Ray
+    exports gauges every few seconds, so consecutive samples may repeat)."""
+    out: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    async with httpx.AsyncClient(timeout=10) as c:
+        while not stop.is_set():
+            try:
+                text = (await c.get(f"{url}/metrics")).text
+            except httpx.HTTPError:
+                text = ""
+            depth: dict[str, float] = {}
+            for line in text.splitlines():
+                m = _QUEUE_RE.match(line)
+                if m:
+                    labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2)))
+                    rid = labels.get("replica", "?")
+                    depth[rid] = depth.get(rid, 0.0) + float(m.group(3))
+            out.append({"t": round(time.perf_counter() - t0, 1), "depth": depth})
+            try:
+                await asyncio.wait_for(stop.wait(), period_s)
+            except TimeoutError:
+                pass
+    return out
+
+
+async def _w6_step(
+    url: str, model: str, wl: Any, timeout_s: float, seed: int
+) -> tuple[BenchResult, list[dict[str, Any]]]:
+    stop = asyncio.Event()
+    poll = asyncio.create_task(_queue_depths(url, 2.0, stop))
+    try:
+        res = await run_workload(url, model, wl, timeout_s=timeout_s, seed=seed, progress=False)
+    finally:
+        stop.set()
+    return res, await poll
+
+
+def _kill_ray_prefix_trees() -> None:
+    """Ray's router keeps its tree in a detached actor that outlives the app (Serve kills it only
+    on shutdown); the next app must start from an empty tree, not the old replicas' one."""
+    import ray
+
+    for a in ray.util.list_named_actors(all_namespaces=True):
+        if a["name"] == "LlmPrefixTreeActor":
+            try:
+                ray.kill(ray.get_actor(a["name"], namespace=a["namespace"]))
+            except ValueError:
+                pass
+
+
+def w6_from_args(args: argparse.Namespace) -> Any:
+    from bench.w6 import W6
+
+    return W6(
+        tenants=args.tenants,
+        prefix_len=args.w6_prefix_len,
+        users=args.users,
+        question_len=args.w6_question_len,
+        output_len=args.w6_output_len,
+        rates=tuple(args.rates),
+        step_s=args.step_s,
+        seed=args.seed,
+        kv_fraction=args.w6_kv_fraction,
+        room_requests=args.w6_room_requests,
+    )
+
+
+def run_w6(args: argparse.Namespace, port: int) -> dict[str, Any]:
+    """{"steps": {policy: [per rate]}, "setup": ...}: every policy over the whole ramp."""
+    from bench.w6 import ideal_hit_rates
+
+    w6 = w6_from_args(args)
+    steps = w6.steps()
+    ideal = ideal_hit_rates(steps, w6.prefix_len)
+    prefix_blocks, room_blocks = w6.kv_blocks()
+    kv_blocks = prefix_blocks + room_blocks
+    engine = {
+        "num_kv_blocks": kv_blocks,
+        "max_model_len": max(1024, w6.prompt_len + w6.output_len),
+        "num_threads": args.threads_per_replica,
+        "prefix_cache_eviction": args.eviction,
+    }
+    setup = {
+        "kv_blocks_per_replica": kv_blocks,
+        "prefix_share_blocks": prefix_blocks,
+        "running_room_blocks": room_blocks,
+        "distinct_prefix_tokens": w6.tenants * w6.prefix_len,
+        "replicas": args.replicas,
+        "threads_per_replica": args.threads_per_replica,
+        "prefix_cache_eviction": args.eviction,
+        "request_timeout_s": args.request_timeout_s,
+        "workload": {k: v for k, v in w6.__dict__.items()},
+        "requests_per_step": [len(wl.requests) for wl in steps],
+    }
+    out: dict[str, list[dict[str, Any]]] = {}
+    for row in args.policies:
+        policy = "ray_prefix_affinity" if row.startswith("ray_prefix_affinity") else row
+        ray_threshold = args.imbalance if row == "ray_prefix_affinity_tuned" else None
+        cfg = cluster_config(
+            args.model,
+            port,
+            args.replicas,
+            policy,
+            args.imbalance,
+            engine,
+            args.cpus_per_replica,
+            ray_imbalanced_threshold=ray_threshold,
+        )
+        print(f"\n== W6, {row}: {args.replicas} replicas, {kv_blocks} KV blocks each")
+        url = deploy_and_wait(cfg)
+        warm_up(url, args.model, 2 * args.replicas)
+        rows = []
+        for k, wl in enumerate(steps):
+            res, depths = asyncio.run(
+                _w6_step(url, args.model, wl, args.request_timeout_s, args.seed + k)
+            )
+            r = {
+                "rate": wl.rate,
+                "requests": len(wl.requests),
+                "completed": res.completed,
+                "failed": res.failed,
+                "mean_ttft_ms": res.ttft_ms.mean,
+                "p90_ttft_ms": res.ttft_ms.p90,
+                "output_tok_s": res.output_throughput,
+                "hit_rate": res.prefix_cache_hit_rate,
+                "ideal_hit_rate": ideal[k],
+                "duration_s": res.duration_s,
+                "errors": res.errors,
+                "queue_depth": depths,
+            }
+            rows.append(r)
+            brief = {k2: v for k2, v in r.items() if k2 not in ("queue_depth", "errors")}
+            print(f"   {json.dumps(brief)}")
+        out[row] = rows
+        undeploy()
+        if policy == "ray_prefix_affinity":
+            _kill_ray_prefix_trees()
+    return {"steps": out, "setup": setup}
+
+
+def w6_summary(steps: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Each policy's figures at the highest rate at which pow2 completed every request (every
+    rate pow2 ran, or the highest rate when pow2 did not run)."""
+    any_rows = next(iter(steps.values()))
+    rates = [r["rate"] for r in any_rows]
+    k = len(rates) - 1
+    if "pow2" in steps:
+        ok = [i for i, r in enumerate(steps["pow2"]) if r["failed"] == 0]
+        k = max(ok) if ok else 0
+    out: dict[str, Any] = {
+        "ideal_hit_rate": any_rows[k]["ideal_hit_rate"],
+        "rates": rates,
+        "rate": rates[k],
+        "pow2_completed_every_request": "pow2" not in steps or steps["pow2"][k]["failed"] == 0,
+    }
+    for policy, rows in steps.items():
+        r = rows[k]
+        out[policy] = {
+            key: r[key] for key in ("p90_ttft_ms", "mean_ttft_ms", "hit_rate", "output_tok_s")
+        }
+    return out
+
+
+def w6_targets(w6: dict[str, Any]) -> dict[str, Any]:
+    t: dict[str, Any] = {}
+    pa = w6.get("prefix_aware")
+    if not pa:
+        return t
+    ray_ = w6.get("ray_prefix_affinity")
+    if ray_:
+        t["p90_ttft_ratio_vs_ray"] = pa["p90_ttft_ms"] / max(ray_["p90_ttft_ms"], 1e-9)
+        t["p90_ttft_vs_ray_met"] = t["p90_ttft_ratio_vs_ray"] <= 0.5
+        t["output_tok_s_ratio_vs_ray"] = pa["output_tok_s"] / max(ray_["output_tok_s"], 1e-9)
+        t["output_tok_s_vs_ray_met"] = t["output_tok_s_ratio_vs_ray"] >= 1.1
+    p2 = w6.get("pow2")
+    if p2:
+        t["p90_ttft_ratio_vs_pow2"] = pa["p90_ttft_ms"] / max(p2["p90_ttft_ms"], 1e-9)
+        t["p90_ttft_vs_pow2_met"] = t["p90_ttft_ratio_vs_pow2"] <= 0.3
+    if pa["hit_rate"] is not None and w6["ideal_hit_rate"]:
+        t["hit_rate_vs_ideal"] = pa["hit_rate"] / w6["ideal_hit_rate"]
+        t["hit_rate_vs_ideal_met"] = t["hit_rate_vs_ideal"] >= 0.9
+    return t
+
+
+def write_w6_png(steps: dict[str, list[dict[str, Any]]], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for policy, rows in steps.items():
+        ax.plot(
+            [r["rate"] for r in rows], [r["p90_ttft_ms"] for r in rows], marker="o", label=policy
+        )
+    ax.set_xlabel("offered rate (req/s)")
+    ax.set_ylabel("p90 TTFT (ms)")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def targets(result: dict[str, Any]) -> dict[str, Any]:
     w2 = result.get("W2", {})
     pa, p2 = w2.get("prefix_aware"), w2.get("pow2")
@@ -364,7 +595,11 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="demo", help="demo, demo-small or a local HF folder")
-    p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated")
+    p.add_argument(
+        "--policies",
+        default=",".join(POLICIES),
+        help="comma-separated (W6 default: " + ",".join(W6_POLICIES) + ")",
+    )
     p.add_argument("--replicas", type=int, default=2)
     p.add_argument("--imbalance", type=int, default=8, help="prefix_aware imbalance")
     p.add_argument("--kv-fraction", type=float, default=0.6, help="of the distinct prefix tokens")
@@ -411,14 +646,46 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="also run W1 with router.output_channels off (one Ray stream per request)",
     )
     p.add_argument("--vllm-python", help="Python of a venv with vLLM's CPU build (W1 peer)")
+    p.add_argument(
+        "--workload",
+        default="w2",
+        choices=["w2", "w6"],
+        help="w2: W1 over HTTP, then W2 (default); w6: the many-tenant ramp only",
+    )
+    p.add_argument("--tenants", type=int, default=24, help="W6 T")
+    p.add_argument("--users", type=int, default=4, help="W6 U: users per tenant")
+    p.add_argument("--w6-prefix-len", type=int, default=1024, help="W6 S")
+    p.add_argument("--w6-question-len", type=int, default=128, help="W6 Q")
+    p.add_argument("--w6-output-len", type=int, default=32, help="W6 O")
+    p.add_argument("--rates", type=float, nargs="+", default=[0.5, 1.0, 1.5], help="W6 req/s")
+    p.add_argument("--step-s", type=float, default=60.0, help="W6: seconds of arrivals per rate")
+    p.add_argument("--w6-kv-fraction", type=float, default=0.4, help="W6: of T x S per replica")
+    p.add_argument("--w6-room-requests", type=int, default=8, help="W6: running room per replica")
+    p.add_argument(
+        "--request-timeout-s",
+        type=float,
+        default=60.0,
+        help="W6: a request with no token for this long fails (pow2's completion criterion)",
+    )
+    p.add_argument("--png", help="W6: p90 TTFT against rate, one line per policy")
     p.add_argument("--metrics-wait-s", type=float, default=15.0, help="for decision counts")
     p.add_argument("--json", help="write the result here")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    if args.workload == "w6" and args.policies == ",".join(POLICIES):
+        args.policies = ",".join(W6_POLICIES)
     args.policies = [s.strip() for s in args.policies.split(",") if s.strip()]
-    bad = sorted(set(args.policies) - {"prefix_aware", "pow2", "round_robin", "session"})
+    known = {"prefix_aware", "pow2", "round_robin", "session"}
+    if args.workload == "w6":
+        known |= {"ray_prefix_affinity", "ray_prefix_affinity_tuned"}
+    bad = sorted(set(args.policies) - known)
     if bad:
         p.error(f"--policies: unknown {bad}")
+    if args.workload == "w6":
+        try:
+            w6_from_args(args)
+        except ValueError as e:
+            p.error(f"W6: {e}")
     if not 0 < args.kv_fraction:
         p.error("--kv-fraction must be > 0")
     if args.room_requests is not None and args.room_requests < 0:
@@ -427,7 +694,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--w1-threads must be >= 1")
     if args.w1_repeats < 1:
         p.error("--w1-repeats must be >= 1")
-    if args.skip_w1 and args.skip_w2:
+    if args.skip_w1 and args.skip_w2 and args.workload == "w2":
         p.error("--skip-w1 and --skip-w2 leave nothing to run")
     return args
 
@@ -448,6 +715,23 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault(WORKER_NICENESS_ENV, "0")
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     runs: dict[str, list[float]] = {}
+    if args.workload == "w6":
+        try:
+            w6 = run_w6(args, port)
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+        result["W6"] = w6_summary(w6["steps"])
+        result["W6_steps"] = w6["steps"]
+        result["W6_setup"] = w6["setup"]
+        result["targets"] = w6_targets(result["W6"])
+        if args.png:
+            write_w6_png(
+                w6["steps"],
+                args.png,
+                f"W6, {args.replicas} replicas, {args.tenants} tenants x {args.users} users",
+            )
+        return _write(result, args.json)
     try:
         # W1 first, on the fresh Ray instance: the W2 apps' replicas would still be shutting down.
         if not args.skip_w1:
@@ -487,11 +771,16 @@ def main(argv: list[str] | None = None) -> int:
     if runs:
         result["W1_http_runs"] = runs  # every run; W1_http holds the medians
     result["targets"] = targets(result)
+    return _write(result, args.json)
+
+
+def _write(result: dict[str, Any], path: str | None) -> int:
     text = json.dumps(result, indent=2)
-    print("\n" + text)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text + "\n")
+    brief = {k: v for k, v in result.items() if k != "W6_steps"}
+    print("\n" + json.dumps(brief, indent=2))
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text + "\n")
     return 0
 
 

@@ -190,19 +190,30 @@ class ModelConfig(_Strict):
         return a.initial_replicas if a.initial_replicas is not None else max(1, a.min_replicas)
 
 
+RouterPolicy = Literal["prefix_aware", "pow2", "round_robin", "session", "ray_prefix_affinity"]
+
+
 class RouterConfig(_Strict):
     """How the ingress picks a replica for each request."""
 
-    policy: Literal["prefix_aware", "pow2", "round_robin", "session"] = Field(
+    policy: RouterPolicy = Field(
         "prefix_aware",
         description="prefix_aware: longest cached prompt prefix unless overloaded; pow2: power of "
-        "two choices on load; round_robin; session: sticky by the x-session-id header.",
+        "two choices on load; round_robin; session: sticky by the x-session-id header; "
+        "ray_prefix_affinity: Ray Serve's PrefixCacheAffinityRouter (a text prefix tree of the "
+        "prompts sent to each replica), for comparison.",
     )
     imbalance: int = Field(
         8,
         ge=0,
         description="prefix_aware: a replica whose load exceeds the least loaded one's by more "
         "than this many requests loses its affinity.",
+    )
+    ray_imbalanced_threshold: int | None = Field(
+        None,
+        ge=0,
+        description="ray_prefix_affinity: Ray's imbalanced_threshold (queue-length gap beyond "
+        "which it routes by power of two choices); null: Ray's default (no limit).",
     )
     stats_period_s: float = Field(
         1.0, gt=0, description="Seconds between replica routing-stats refreshes."

@@ -21,6 +21,7 @@ from deployments.llm_server import LLMServer
 
 INGRESS_NAME = "OpenAIIngress"
 ROUTER_CLASS = "deployments.request_router:PrefixAwareRouter"
+RAY_ROUTER_CLASS = "deployments.ray_prefix_router:RayPrefixAffinityRouter"  # comparison peer
 AUTOSCALING_MODULE = "deployments.autoscaling_policy"
 # Ongoing streams one ingress replica holds; each costs a coroutine, not a thread.
 INGRESS_MAX_ONGOING = 2048
@@ -57,6 +58,15 @@ def router_config(cfg: ClusterConfig, mc: ModelConfig) -> RequestRouterConfig | 
     if not _module_has(ROUTER_CLASS):
         return None
     r = cfg.router
+    if r.policy == "ray_prefix_affinity":
+        kwargs = {}
+        if r.ray_imbalanced_threshold is not None:
+            kwargs["imbalanced_threshold"] = r.ray_imbalanced_threshold
+        return RequestRouterConfig(
+            request_router_class=RAY_ROUTER_CLASS,
+            request_router_kwargs=kwargs,
+            request_routing_stats_period_s=r.stats_period_s,
+        )
     return RequestRouterConfig(
         request_router_class=ROUTER_CLASS,
         request_router_kwargs=router_kwargs(cfg, mc),

@@ -60,3 +60,81 @@ def test_cpu_busy_fraction_is_a_fraction_and_wait_for_quiet_returns():
 
     assert 0.0 <= cpu_busy_fraction(0.05) <= 1.0
     assert 0.0 <= wait_for_quiet(max_busy=1.0, timeout_s=1.0) <= 1.0  # 100% busy counts as quiet
+
+
+def test_w6_sizing_prompts_and_ideal_hit_rate():
+    from bench.w6 import W6, ideal_hit_rates
+
+    w = W6()
+    # 40% of 24 x 1024 prefix tokens = 9830.4 -> 615 blocks; 8 running requests x (128 + 32) / 16.
+    assert w.kv_blocks() == (615, 80)
+    small = W6(tenants=2, prefix_len=32, users=2, question_len=16, output_len=4, rates=(1, 2))
+    prompts = small.prompts()
+    assert len(prompts) == 4 and all(len(p) == 48 for p in prompts)
+    assert prompts[0][:32] == prompts[1][:32] != prompts[2][:32] == prompts[3][:32]
+    assert prompts[0][32:] != prompts[1][32:]
+    steps = W6(**{**small.__dict__, "step_s": 3}).steps()
+    assert [len(s.requests) for s in steps] == [3, 6] and [s.rate for s in steps] == [1, 2]
+
+    def spec(tag):
+        from cluster.bench.workloads import RequestSpec
+
+        return RequestSpec([0] * 48, 4, 48, tag=tag)
+
+    class Step:
+        def __init__(self, tags):
+            self.requests = [spec(t) for t in tags]
+
+    # t0u0 misses; t0u1 hits the tenant's 32-token prefix; t0u0 again hits (48 - 1) // 16 = 2
+    # blocks = 32 tokens; t1u0 misses. Second step: every prompt seen -> 32 of 48 each.
+    rates = ideal_hit_rates([Step(["t0u0", "t0u1", "t0u0", "t1u0"]), Step(["t1u1", "t1u0"])], 32)
+    assert rates == [pytest.approx(64 / 192), pytest.approx(64 / 96)]
+
+
+def test_w6_summary_takes_the_highest_rate_pow2_completes_and_targets():
+    from bench.routing import w6_summary, w6_targets
+
+    def rows(p90s, failed=(0, 0, 0)):
+        return [
+            {
+                "rate": r,
+                "p90_ttft_ms": p,
+                "mean_ttft_ms": p / 2,
+                "hit_rate": 0.5,
+                "output_tok_s": 100.0,
+                "ideal_hit_rate": 0.8,
+                "failed": f,
+            }
+            for r, p, f in zip((1.0, 2.0, 3.0), p90s, failed, strict=True)
+        ]
+
+    steps = {
+        "pow2": rows((100, 200, 9000), failed=(0, 0, 3)),
+        "ray_prefix_affinity": rows((90, 150, 800)),
+        "prefix_aware": rows((50, 60, 70)),
+    }
+    s = w6_summary(steps)
+    assert s["rate"] == 2.0 and s["rates"] == [1.0, 2.0, 3.0]
+    assert s["prefix_aware"]["p90_ttft_ms"] == 60 and s["pow2"]["p90_ttft_ms"] == 200
+    t = w6_targets(s)
+    assert t["p90_ttft_ratio_vs_ray"] == pytest.approx(0.4) and t["p90_ttft_vs_ray_met"]
+    assert t["p90_ttft_ratio_vs_pow2"] == pytest.approx(0.3) and t["p90_ttft_vs_pow2_met"]
+    assert t["hit_rate_vs_ideal"] == pytest.approx(0.625) and not t["hit_rate_vs_ideal_met"]
+    assert not t["output_tok_s_vs_ray_met"]
+
+
+def test_routing_sim_w6_runs_every_policy_and_ray_partitions_tenants():
+    from bench.routing_sim import simulate_w6
+    from bench.w6 import W6
+
+    w = W6(tenants=4, prefix_len=64, users=2, question_len=16, output_len=4, rates=(2.0,))
+    w = W6(**{**w.__dict__, "step_s": 10.0})
+    for policy in ("prefix_aware", "ray_prefix_affinity", "pow2", "round_robin"):
+        r = simulate_w6(policy, w, replicas=2)
+        (step,) = r["steps"]
+        assert step["requests"] == 20 and step["failed"] == 0
+        assert 0 < step["hit_rate"] <= step["ideal_hit_rate"] + 1e-9
+    ray_ = simulate_w6("ray_prefix_affinity", w, replicas=2)
+    # The first prompt of each tenant goes to the replica with the fewest characters in Ray's
+    # tree, later ones follow their tenant: 2 tenants per replica, none on both.
+    assert ray_["tenants_per_replica"] == [2, 2]

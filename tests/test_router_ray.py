@@ -20,7 +20,13 @@ def _hashes(group: int, question: int) -> list[int]:
     return block_hashes([1000 + group] * (4 * BS) + [question] * BS, BS)
 
 
-def _app(control, name: str, max_ongoing_requests: int = 5, **router_kwargs):
+def _app(
+    control,
+    name: str,
+    max_ongoing_requests: int = 5,
+    router_class: str = "deployments.request_router:PrefixAwareRouter",
+    **router_kwargs,
+):
     from ray import serve
     from ray.serve.config import RequestRouterConfig
 
@@ -30,7 +36,7 @@ def _app(control, name: str, max_ongoing_requests: int = 5, **router_kwargs):
         max_ongoing_requests=max_ongoing_requests,
         ray_actor_options={"num_cpus": 0},
         request_router_config=RequestRouterConfig(
-            request_router_class="deployments.request_router:PrefixAwareRouter",
+            request_router_class=router_class,
             request_router_kwargs=router_kwargs,
             request_routing_stats_period_s=0.2,
         ),
@@ -199,3 +205,62 @@ def test_a_call_naming_its_replica_goes_there_and_is_not_a_routing_decision(cont
         assert got in (a, b)
     finally:
         serve.delete("router_target")
+
+
+def test_ray_prefix_affinity_router_on_fleetlm_calls(control):
+    """Ray's PrefixCacheAffinityRouter, given fleetlm's call dicts: a prompt goes where its
+    prefix went (Ray's text tree), a new prefix to the replica with the fewest characters in the
+    tree, and an output-channel call to the replica it names, outside the tree."""
+    import ray
+    from ray import serve
+
+    handle, (a, b) = _deploy(
+        control, "router_ray", router_class="deployments.ray_prefix_router:RayPrefixAffinityRouter"
+    )
+    try:
+
+        def send(prefix: int, question: int) -> str:
+            ids = [prefix] * 64 + [question] * 16
+            return handle.generate.remote({"prompt_token_ids": ids}).result(timeout_s=30)
+
+        first = send(1, 0)
+        assert [send(1, q) for q in range(1, 8)] == [first] * 7
+        other = b if first == a else a
+        second = send(2, 0)  # the other replica holds no characters yet: it is the smallest
+        assert second == other
+        assert [send(2, q) for q in range(1, 8)] == [other] * 7
+        for target in [a, b, b, a]:
+            got = handle.generate.remote({"target_replica": target}).result(timeout_s=30)
+            assert got == target
+        assert [send(1, q) for q in range(8, 12)] == [first] * 4
+    finally:
+        serve.delete("router_ray")
+        # Ray's tree actor is detached (Serve kills it only on shutdown): drop it with the app.
+        try:
+            ray.kill(ray.get_actor("LlmPrefixTreeActor", namespace="serve::router_ray::Dummy"))
+        except ValueError:
+            pass
+
+
+def test_ray_prefix_affinity_config_and_prompt_text():
+    from cluster.config import ClusterConfig
+    from deployments.app import RAY_ROUTER_CLASS, router_config
+    from deployments.ray_prefix_router import routing_text
+
+    def rc(**router):
+        cfg = ClusterConfig.model_validate({"models": [{"name": "m"}], "router": router})
+        return router_config(cfg, cfg.models[0])
+
+    c = rc(policy="ray_prefix_affinity")
+    assert c.request_router_class == RAY_ROUTER_CLASS and c.request_router_kwargs == {}
+    c = rc(policy="ray_prefix_affinity", ray_imbalanced_threshold=8)
+    assert c.request_router_kwargs == {"imbalanced_threshold": 8}
+    assert rc(policy="prefix_aware").request_router_kwargs["imbalance"] == 8
+    # One character per token, distinct ids to distinct characters (none a surrogate), so text
+    # prefixes are token prefixes.
+    ids = [0, 1, 2, 0xD800 - 0x4E00 - 1, 0xD800 - 0x4E00, 0xD800 - 0x4E00 + 1, 150_000]
+    text = routing_text(ids)
+    assert len(text) == len(ids) == len(set(text))
+    assert not any(0xD800 <= ord(c) < 0xE000 for c in text)
+    assert routing_text(ids[:3]) == text[:3]
+    assert text.encode("utf-8")  # encodable: no lone surrogates
