@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from deployments.tool_calls import ToolStream, parse_tool_calls
+
 TokenText = Callable[[int], str]  # token id -> its text, for logprobs
 
 
@@ -138,18 +140,42 @@ def completion_body(
     }
 
 
+def chat_message(text: str, finish: str | None, tool_fmt: str | None) -> tuple[dict, str | None]:
+    """(message, finish_reason) of one choice; with tools in play, calls are parsed out of the
+    text (``tool_fmt``: deployments/tool_calls.py's format) and a reply that calls tools finishes
+    with "tool_calls"."""
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if tool_fmt is None:
+        return message, finish
+    content, calls = parse_tool_calls(text, tool_fmt)
+    if not calls:
+        return message, finish
+    message["content"] = content
+    message["tool_calls"] = [c.to_dict() for c in calls]
+    return message, "tool_calls" if finish == "stop" else finish
+
+
 def chat_body(
-    rid: str, created: int, model: str, choices: dict[int, ChoiceState], n: int, tt: TokenText
+    rid: str,
+    created: int,
+    model: str,
+    choices: dict[int, ChoiceState],
+    n: int,
+    tt: TokenText,
+    tool_fmt: str | None = None,
 ) -> dict[str, Any]:
     out = []
     for idx in sorted(choices):
         c = choices[idx]
+        message, finish = chat_message(
+            "".join(c.text), public_finish_reason(c.finish_reason), tool_fmt
+        )
         out.append(
             {
                 "index": idx,
-                "message": {"role": "assistant", "content": "".join(c.text)},
+                "message": message,
                 "logprobs": chat_logprobs(c.logprobs, tt) if c.logprobs else None,
-                "finish_reason": public_finish_reason(c.finish_reason),
+                "finish_reason": finish,
             }
         )
     return {
@@ -165,8 +191,18 @@ def chat_body(
 class ChunkWriter:
     """Turns merged replica deltas into SSE ``data:`` lines for one streamed request."""
 
-    def __init__(self, chat: bool, rid: str, created: int, model: str, tt: TokenText) -> None:
+    def __init__(
+        self,
+        chat: bool,
+        rid: str,
+        created: int,
+        model: str,
+        tt: TokenText,
+        tool_fmt: str | None = None,
+    ) -> None:
         self.chat = chat
+        self.tool_fmt = tool_fmt  # tools in play: text is parsed into tool-call deltas
+        self.tool_streams: dict[int, ToolStream] = {}
         self.rid = rid
         self.id = f"chatcmpl-{rid}" if chat else f"cmpl-{rid}"
         self.object = "chat.completion.chunk" if chat else "text_completion"
@@ -198,6 +234,8 @@ class ChunkWriter:
             lp = d.get("logprobs")
             if self.chat:
                 delta: dict[str, Any] = {"content": d.get("text", "")}
+                if self.tool_fmt is not None:
+                    delta, fr = self._tool_delta(idx, d, fr)
                 if idx not in self.started:
                     self.started.add(idx)
                     delta["role"] = "assistant"
@@ -217,6 +255,24 @@ class ChunkWriter:
             choices.append(ch)
         return self.event(choices, usage.to_dict() if usage is not None else None)
 
+    def _tool_delta(
+        self, idx: int, d: dict[str, Any], fr: str | None
+    ) -> tuple[dict[str, Any], str | None]:
+        ts = self.tool_streams.setdefault(idx, ToolStream(self.tool_fmt or "hermes"))
+        content, calls = ts.feed(d.get("text", ""), final=fr is not None)
+        delta: dict[str, Any] = {"content": content or None} if calls else {"content": content}
+        if calls:
+            delta["tool_calls"] = calls
+        if fr == "stop" and ts.num_calls:
+            fr = "tool_calls"
+        return delta, fr
+
+    def body(self, choices: dict[int, ChoiceState], n: int) -> dict[str, Any]:
+        """The whole response (non-streamed, or a stream's copy for the cache)."""
+        if self.chat:
+            return chat_body(self.rid, self.created, self.model, choices, n, self.tt, self.tool_fmt)
+        return completion_body(self.rid, self.created, self.model, choices, n, self.tt)
+
     def usage(self, usage: Usage) -> str:
         return self.event([], usage.to_dict())
 
@@ -224,9 +280,25 @@ class ChunkWriter:
         """A stored full response (cache hit) replayed as a stream: one chunk per choice."""
         items = []
         for ch in body.get("choices", []):
-            text = ch["message"]["content"] if self.chat else ch.get("text", "")
+            text = (ch["message"]["content"] or "") if self.chat else ch.get("text", "")
             items.append((ch["index"], {"text": text, "finish_reason": ch.get("finish_reason")}))
-        return [self.deltas(items)] if items else []
+        if not self.chat or not any(ch["message"].get("tool_calls") for ch in body["choices"]):
+            return [self.deltas(items)] if items else []
+        choices = []
+        for ch in body["choices"]:
+            calls = [{"index": i, **c} for i, c in enumerate(ch["message"].get("tool_calls") or [])]
+            delta: dict[str, Any] = {"role": "assistant", "content": ch["message"]["content"]}
+            if calls:
+                delta["tool_calls"] = calls
+            choices.append(
+                {
+                    "index": ch["index"],
+                    "delta": delta,
+                    "logprobs": None,
+                    "finish_reason": ch.get("finish_reason"),
+                }
+            )
+        return [self.event(choices)]
 
 
 def sse_error(body: dict[str, Any]) -> str:

@@ -28,19 +28,33 @@ BOS, EOS, PAD = SPECIAL_TOKENS[:3]
 CORPUS_MAX_BYTES = 1_500_000
 
 # One turn = role token + content + eos; the generation prompt opens an assistant turn. Content may
-# be a string or a list of OpenAI content parts (text parts are joined).
+# be a string or a list of OpenAI content parts (text parts are joined). Tools follow the Hermes /
+# Qwen2.5 convention (deployments/tool_calls.py "hermes"): a system turn lists them as JSON inside
+# <tools>, an assistant's calls are <tool_call>{"name", "arguments"}</tool_call> blocks, and a tool
+# turn's result goes back as a user turn inside <tool_response>.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
+    "{% if tools %}<|system|>You may call these tools. To call one, reply with "
+    '<tool_call>\n{"name": <name>, "arguments": <arguments as JSON>}\n</tool_call>\n<tools>\n'
+    "{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}</tools>{{ eos_token }}{% endif %}"
     "{% for message in messages %}"
-    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
-    "{{ raise_exception('message role must be system, user or assistant, got '"
+    "{% if message['role'] not in ['system', 'user', 'assistant', 'tool'] %}"
+    "{{ raise_exception('message role must be system, user, assistant or tool, got '"
     " + message['role']) }}"
     "{% endif %}"
-    "{{ '<|' + message['role'] + '|>' }}"
+    "{% if message['role'] == 'tool' %}{{ '<|user|><tool_response>\n' }}"
+    "{% else %}{{ '<|' + message['role'] + '|>' }}{% endif %}"
     "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
+    "{% elif message['content'] %}{% for part in message['content'] %}"
     "{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
     "{% endfor %}{% endif %}"
+    "{% if message['role'] == 'tool' %}{{ '\n</tool_response>' }}{% endif %}"
+    "{% for call in message['tool_calls'] or [] %}"
+    '<tool_call>\n{"name": "{{ call[\'function\'][\'name\'] }}", "arguments": '
+    "{% if call['function']['arguments'] is string %}{{ call['function']['arguments'] }}"
+    "{% else %}{{ call['function']['arguments'] | tojson }}{% endif %}"
+    "}\n</tool_call>"
+    "{% endfor %}"
     "{{ eos_token }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
@@ -102,6 +116,7 @@ def build_demo_model(name: str, progress: bool = True) -> Path:
         raise ValueError(f"model: unknown demo model {name!r}; choose from {list(DEMO_NAMES)}")
     final = demo_path(name)
     if (final / "config.json").is_file():
+        refresh_chat_template(final)
         return final
     from filelock import FileLock
 
@@ -123,6 +138,27 @@ def build_demo_model(name: str, progress: bool = True) -> Path:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def refresh_chat_template(folder: Path) -> None:
+    """A folder built before CHAT_TEMPLATE last changed gets the current one (the tokenizer and
+    weights are unchanged, so no rebuild); written atomically under the build lock."""
+    path = folder / "tokenizer_config.json"
+    try:
+        if json.loads(path.read_text()).get("chat_template") == CHAT_TEMPLATE:
+            return
+    except (OSError, ValueError):
+        return
+    from filelock import FileLock
+
+    with FileLock(str(folder) + ".lock"):
+        cfg = json.loads(path.read_text())
+        if cfg.get("chat_template") == CHAT_TEMPLATE:
+            return
+        cfg["chat_template"] = CHAT_TEMPLATE
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
 
 
 def write_demo_model(out: Path, spec: DemoSpec, progress: bool = True) -> None:

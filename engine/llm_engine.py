@@ -206,7 +206,7 @@ class LLMEngine:
             idx = torch.tensor([i for _, i in plain], dtype=torch.long)
             rows = logits[idx]
             if self.structured.active:  # grammar masks on the constrained rows only
-                self.structured.apply(rows, [r.request_id for r, _ in plain])
+                rows = self.structured.apply(rows, [r.request_id for r, _ in plain])
             toks, lps = self.sampler.sample(rows, [r for r, _ in plain])
             for (r, _), t, lp in zip(plain, toks, lps, strict=True):
                 result[r.request_id] = ([t], [lp] if lp is not None else None, 0)

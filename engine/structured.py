@@ -23,6 +23,7 @@ nothing else, EOS is the only token left. Unconstrained requests are never looke
 from __future__ import annotations
 
 import json
+import time
 from collections import OrderedDict
 from typing import Any
 
@@ -164,21 +165,20 @@ class StructuredDecoding:
                     row[t // 32] |= _bit(t % 32)
         return mask
 
-    def apply(self, logits: torch.Tensor, request_ids: list[str | None]) -> None:
-        """Mask ``logits`` [N, V] in place on the rows whose request is constrained (others: no
-        work at all)."""
+    def apply(self, logits: torch.Tensor, request_ids: list[str | None]) -> torch.Tensor:
+        """``logits`` [N, V] with the constrained rows masked (a new tensor: the runner's logits
+        may be inference tensors); with no constrained row, ``logits`` itself, untouched."""
         rows = [i for i, rid in enumerate(request_ids) if rid is not None and rid in self.matchers]
         if not rows:
-            return
-        import time
-
+            return logits
         t0 = time.perf_counter()
         bitmask = self.fill_bitmask([request_ids[i] for i in rows])  # type: ignore[misc]
-        allowed = unpack_bitmask(bitmask, logits.shape[-1]).to(logits.device)
-        idx = torch.tensor(rows, dtype=torch.long, device=logits.device)
-        logits[idx] = logits[idx].masked_fill(~allowed, float("-inf"))
+        allowed = torch.ones(logits.shape, dtype=torch.bool)
+        allowed[rows] = unpack_bitmask(bitmask, logits.shape[-1])
+        out = logits.masked_fill(~allowed.to(logits.device), float("-inf"))
         self.mask_time_s += time.perf_counter() - t0
         self.mask_rows += len(rows)
+        return out
 
     def accept(self, request_id: str, token_ids: list[int]) -> bool:
         """Feed a request's newly accepted tokens. Returns True when its grammar is done (it can

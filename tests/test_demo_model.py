@@ -150,7 +150,35 @@ def test_chat_template(small_dir):
     no_gen = tok.apply_chat_template(msgs[:2], tokenize=False, add_generation_prompt=False)
     assert no_gen.endswith("<|user|>Hi<|eos|>")
     with pytest.raises(Exception, match="role"):
-        tok.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
+        tok.apply_chat_template([{"role": "function", "content": "x"}], tokenize=False)
+
+
+def test_chat_template_renders_tools_calls_and_results(small_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(small_dir)
+    tool = {
+        "type": "function",
+        "function": {"name": "get_weather", "parameters": {"type": "object"}},
+    }
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather"}}
+    msgs = [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "content": "sunny", "tool_call_id": "c1"},
+    ]
+    call["function"]["arguments"] = {"city": "Paris"}
+    text = tok.apply_chat_template(msgs, tools=[tool], tokenize=False, add_generation_prompt=True)
+    assert text.startswith("<|bos|><|system|>You may call these tools.")
+    assert '<tools>\n{"type": "function", "function": {"name": "get_weather"' in text
+    assert text.endswith(
+        "<|user|>Weather?<|eos|><|assistant|><tool_call>\n"
+        '{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|eos|>'
+        "<|user|><tool_response>\nsunny\n</tool_response><|eos|><|assistant|>"
+    )
+    # Without tools the prompt is exactly the plain chat (no tool preamble).
+    plain = tok.apply_chat_template(msgs[:1], tokenize=False, add_generation_prompt=True)
+    assert plain == "<|bos|><|user|>Weather?<|eos|><|assistant|>"
 
 
 def test_demo_logits_are_well_separated(small_dir):

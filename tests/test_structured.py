@@ -75,7 +75,7 @@ def test_apply_masks_only_constrained_rows(tok):
     sd = StructuredDecoding(tok, len(tok), (tok.eos_token_id,))
     sd.add("c", {"type": "json", "schema": SCHEMA})
     logits = torch.zeros(3, len(tok))
-    sd.apply(logits, ["c", None, "u"])
+    logits = sd.apply(logits, ["c", None, "u"])
     assert torch.isinf(logits[0]).sum() == len(tok) - len(_allowed(sd, "c"))
     assert torch.isfinite(logits[1:]).all()  # unconstrained rows untouched
     assert sd.mask_rows == 1
