@@ -98,6 +98,12 @@ class ModelConfig(_Strict):
         None, description="Replica bounds for queue-depth autoscaling instead of num_replicas."
     )
     tensor_parallel_size: int = Field(1, ge=1, description="Shards (workers) per replica.")
+    engine_process: bool = Field(
+        True,
+        description="Run the engine loop (scheduler, model, detokenizer) in a process of its own "
+        "beside each replica, so it never waits for the replica's streaming (one GIL each); "
+        "false runs it on a thread of the replica.",
+    )
     placement_strategy: Literal["PACK", "STRICT_PACK", "SPREAD"] = Field(
         "PACK", description="Ray placement-group strategy for one replica's shards."
     )
@@ -218,11 +224,19 @@ class RouterConfig(_Strict):
     stats_period_s: float = Field(
         1.0, gt=0, description="Seconds between replica routing-stats refreshes."
     )
-    output_channels: bool = Field(
-        True,
-        description="Tokens travel from a replica to the ingress through one stream per replica "
-        "(one message per engine step for all requests) instead of one stream per request.",
-    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed(cls, v: Any) -> Any:
+        # router.output_channels chose between two token paths; output channels are the only one.
+        if isinstance(v, dict) and "output_channels" in v:
+            if v["output_channels"] is not True:
+                raise ValueError(
+                    "output_channels: removed; tokens always travel through output channels "
+                    "(delete the line)"
+                )
+            v = {k: x for k, x in v.items() if k != "output_channels"}
+        return v
 
 
 class HttpConfig(_Strict):

@@ -2,13 +2,10 @@
 
 ``app_builder(args)`` is the import path for Serve config files and KubeRay's ``serveConfigV2``
 (``import_path: deployments.app:app_builder``, ``args: {"cluster": <cluster config dict>}``).
-Router and autoscaling policy are wired only when their modules are importable, so the app keeps
-working while those parts are absent.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from typing import Any
 
@@ -16,19 +13,16 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from cluster.config import ClusterConfig, ModelConfig
+from deployments.autoscaling_policy import GRACEFUL_SHUTDOWN_OPTIONS, serve_autoscaling_config
 from deployments.ingress import OpenAIIngress
 from deployments.llm_server import LLMServer
 
 INGRESS_NAME = "OpenAIIngress"
 ROUTER_CLASS = "deployments.request_router:PrefixAwareRouter"
 RAY_ROUTER_CLASS = "deployments.ray_prefix_router:RayPrefixAffinityRouter"  # comparison peer
-AUTOSCALING_MODULE = "deployments.autoscaling_policy"
 # Ongoing streams one ingress replica holds; each costs a coroutine, not a thread.
 INGRESS_MAX_ONGOING = 2048
 CHANNEL_SLOTS = 4  # per model replica: room for the ingress replicas' output channels
-# Replica drain on scale-down / redeploy: stop taking requests, then let running generations finish.
-GRACEFUL_SHUTDOWN_WAIT_LOOP_S = 2.0
-GRACEFUL_SHUTDOWN_TIMEOUT_S = 120.0
 
 
 def server_name(model_name: str) -> str:
@@ -36,27 +30,7 @@ def server_name(model_name: str) -> str:
     return "LLMServer-" + re.sub(r"[^A-Za-z0-9._-]", "_", model_name)
 
 
-def _module_has(path: str) -> bool:
-    module, _, attr = path.partition(":")
-    try:
-        if importlib.util.find_spec(module) is None:
-            return False
-    except ModuleNotFoundError:
-        return False
-    mod = importlib.import_module(module)
-    return hasattr(mod, attr)
-
-
-def _autoscaling_module() -> Any:
-    """deployments.autoscaling_policy when present (queue-depth policy, live-editable)."""
-    if not _module_has(AUTOSCALING_MODULE + ":serve_autoscaling_config"):
-        return None
-    return importlib.import_module(AUTOSCALING_MODULE)
-
-
-def router_config(cfg: ClusterConfig, mc: ModelConfig) -> RequestRouterConfig | None:
-    if not _module_has(ROUTER_CLASS):
-        return None
+def router_config(cfg: ClusterConfig, mc: ModelConfig) -> RequestRouterConfig:
     r = cfg.router
     if r.policy == "ray_prefix_affinity":
         kwargs = {}
@@ -98,8 +72,8 @@ def server_options(cfg: ClusterConfig, mc: ModelConfig) -> dict[str, Any]:
         # (+ CHANNEL_SLOTS: the ingresses' output channels are calls too.)
         "max_ongoing_requests": ec.max_num_seqs + mc.max_queued_requests + CHANNEL_SLOTS,
         "max_queued_requests": mc.max_queued_requests * max_replicas(mc),
-        "graceful_shutdown_wait_loop_s": GRACEFUL_SHUTDOWN_WAIT_LOOP_S,
-        "graceful_shutdown_timeout_s": GRACEFUL_SHUTDOWN_TIMEOUT_S,
+        # Drain on scale-down / redeploy: the autoscaling module owns what its scale-down needs.
+        **GRACEFUL_SHUTDOWN_OPTIONS,
         "health_check_period_s": 10.0,
         "health_check_timeout_s": 60.0,  # a step on a busy CPU can hold the loop a while
     }
@@ -117,27 +91,14 @@ def server_options(cfg: ClusterConfig, mc: ModelConfig) -> dict[str, Any]:
         }
     else:
         opts["ray_actor_options"] = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus}
-    policy = _autoscaling_module()
-    if policy is not None:
-        # The autoscaling module owns the drain settings its scale-down relies on.
-        opts.update(policy.GRACEFUL_SHUTDOWN_OPTIONS)
     if mc.autoscaling is None:
         opts["num_replicas"] = mc.num_replicas
     else:
         a = mc.autoscaling
-        if policy is not None:
-            opts["autoscaling_config"] = policy.serve_autoscaling_config(
-                mc.name, a.min_replicas, a.max_replicas, mc.initial_replicas()
-            )
-        else:  # Serve's default policy on ongoing requests
-            opts["autoscaling_config"] = {
-                "min_replicas": a.min_replicas,
-                "max_replicas": a.max_replicas,
-                "initial_replicas": mc.initial_replicas(),
-            }
-    rc = router_config(cfg, mc)
-    if rc is not None:
-        opts["request_router_config"] = rc
+        opts["autoscaling_config"] = serve_autoscaling_config(
+            mc.name, a.min_replicas, a.max_replicas, mc.initial_replicas()
+        )
+    opts["request_router_config"] = router_config(cfg, mc)
     return opts
 
 

@@ -1,18 +1,22 @@
-"""LLMServer: one Ray Serve replica = one AsyncEngine (one engine thread) for one model.
+"""LLMServer: one Ray Serve replica of one model. It admits requests, streams their tokens through
+output channels and reports stats; the engine behind it is an ``EngineClient`` it is given
+(engine/async_engine.py), by default the engine core in a process of its own
+(engine/engine_core.py).
 
 The ingress calls ``handle.options(stream=True).generate.remote(req)`` with::
 
     req = {"request_id": str, "prompt_token_ids": [int], "sampling": {SamplingParams fields},
            "n": int, "block_hashes": [int],     # block_hashes: read by the router, not here
-           "prompts": [[int], ...]}             # optional: every prompt of a multi-prompt request
+           "prompts": [[int], ...],             # optional: every prompt of a multi-prompt request
+           "channel": str}                      # the ingress's output channel id
 
-and reads messages ``{"replica": id, "outputs": [delta, ...]}`` (delta format: openai_format.py) or
-one ``{"error": {...}}`` (APIError.to_dict()). Errors travel as messages, not exceptions, so a bad
-parameter reaches the client as a 400 with its message instead of a wrapped Ray traceback.
-
-With ``req["channel"] = <channel id>`` the tokens travel instead through that ingress's output
-channel (``channel()``, deployments/output_channel.py: one message per step for all of its
-requests); the request's own stream then carries only ``{"replica": id}`` and a possible error.
+That stream yields ``{"replica": id}`` once the request is admitted, then ``{"error": {...}}``
+(APIError.to_dict()) if it fails, and ends when every choice has finished; cancelling it aborts the
+request (its KV blocks are freed before the engine's next step). Its tokens travel through the
+ingress's output channel (``channel()``, deployments/output_channel.py) as deltas (format:
+openai_format.py); one task here takes each engine step's outputs and puts them in the channels.
+Errors travel as messages, not exceptions, so a bad parameter reaches the client as a 400 with its
+message instead of a wrapped Ray traceback.
 """
 
 from __future__ import annotations
@@ -21,21 +25,26 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
-from deployments.openai_format import merge_deltas
+from deployments.metrics import get_metrics
 from deployments.output_channel import ChannelHub, Outbox
-from deployments.protocol import APIError, param_from_message
-from deployments.stream_merge import StreamError, merge_coalesced
+from deployments.protocol import APIError
+from engine.async_engine import EngineClient, EngineDeadError
 from engine.config import EngineConfig
 from engine.outputs import RequestOutput
+from engine.request_checks import RequestError, param_of
 from engine.sampling_params import SamplingParams
+from router.replica_stats import ReplicaCacheTracker
 
 logger = logging.getLogger("ray.serve")
 
 TTFT_WINDOW_S = 30.0  # record_autoscaling_stats reports TTFT over this recent window
 METRICS_PERIOD_S = 1.0
+
+EngineFactory = Callable[[Any], EngineClient]  # cluster.config.ModelConfig -> engine
 
 
 def output_delta(index: int, out: RequestOutput) -> dict[str, Any]:
@@ -67,6 +76,17 @@ def choice_params(sampling: dict[str, Any], n: int) -> list[SamplingParams]:
     return params
 
 
+def api_error(e: BaseException, rid: str) -> APIError:
+    """The client's view of an engine error: bad input is a 400 naming the field, the rest 500."""
+    if isinstance(e, RequestError):
+        return APIError(400, str(e), param=e.param, code=e.code)
+    if isinstance(e, ValueError | TypeError):
+        return APIError(400, str(e), param=param_of(e))  # type: ignore[arg-type]
+    if isinstance(e, EngineDeadError):
+        return APIError(503, f"engine stopped (request {rid}); retry", type="server_error")
+    return APIError(500, f"engine error in request {rid}", type="server_error")
+
+
 class TTFTWindow:
     """Recent time-to-first-token samples (seconds) for the autoscaling policy."""
 
@@ -92,28 +112,42 @@ class TTFTWindow:
         }
 
 
+@dataclass(eq=False)
+class Live:
+    """One admitted request: its engine sequences (one per choice) and where their tokens go."""
+
+    rid: str
+    box: Outbox
+    start: float
+    jobs: dict[str, int] = field(default_factory=dict)  # engine request id -> choice index
+    done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    first: bool = True
+
+    def end(self, error: APIError | None = None) -> None:
+        if not self.done.done():
+            self.done.set_result(error)
+
+
 class LLMServer:
     """Deployment body; app.py wraps it with serve.deployment and per-model options."""
 
-    def __init__(self, model_config: dict[str, Any]) -> None:
+    def __init__(self, model_config: dict[str, Any], engine_factory: EngineFactory | None = None):
         from cluster.config import ModelConfig
-        from engine.async_engine import AsyncEngine
 
         mc = ModelConfig.model_validate(model_config)
         self.model_name = mc.name
         self.engine_config: EngineConfig = mc.engine_config()
         # A replica admits this many engine sequences (running + queued); beyond it answers 429.
         self.max_sequences = self.engine_config.max_num_seqs + mc.max_queued_requests
-        if self.engine_config.tensor_parallel_size > 1:
-            from deployments.tp_worker import tp_async_engine  # shards 1..N-1 as Ray actors
-
-            self.engine = tp_async_engine(self.engine_config)
-        else:
-            self.engine = AsyncEngine(self.engine_config)
+        self.engine: EngineClient = (engine_factory or default_engine)(mc)
         self.replica_id = _replica_id()
         self.num_inflight = 0  # engine sequences admitted and not finished
         self.ttft = TTFTWindow()
-        self._tracker = _make_tracker(self.engine.block_size)
+        self._tracker = ReplicaCacheTracker(self.engine.block_size)
+        self._jobs: dict[str, Live] = {}  # engine request id -> its request
+        self._rids: set[str] = set()
+        self._pump_task: asyncio.Task | None = None
+        self.engine_error: BaseException | None = None  # set when the engine stopped
         self._metrics_task: asyncio.Task | None = None
         self._last_stats: Any = None
         self.channels = ChannelHub()
@@ -121,8 +155,13 @@ class LLMServer:
 
     # -- requests -----------------------------------------------------------------------------
     async def generate(self, req: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        self._ensure_metrics_task()
+        self._ensure_tasks()
         rid = str(req["request_id"])
+        channel = req.get("channel")
+        if not isinstance(channel, str):
+            msg = "req['channel'] (an output channel id) is required: tokens travel through it"
+            yield {"error": APIError(400, msg, param="channel").to_dict()}
+            return
         n = int(req.get("n", 1))
         # A multi-prompt request is one call (choice index = prompt index * n + i): Serve gives
         # every handle call of one HTTP request the same internal id, so calls must not overlap.
@@ -130,9 +169,13 @@ class LLMServer:
         try:
             params = choice_params(req.get("sampling") or {}, n)
         except (ValueError, TypeError) as e:
-            yield {"error": APIError(400, str(e), param=param_from_message(str(e))).to_dict()}
+            yield {"error": api_error(e, rid).to_dict()}
             return
         total = n * len(prompts)
+        if rid in self._rids:
+            msg = f"x-request-id {rid!r} is already in flight"
+            yield {"error": APIError(400, msg, param="x-request-id").to_dict()}
+            return
         if self.num_inflight + total > self.max_sequences:
             err = APIError(
                 429,
@@ -143,115 +186,80 @@ class LLMServer:
             )
             yield {"error": err.to_dict()}
             return
-        jobs = [
-            (rid if total == 1 else f"{rid}-{pi * n + i}", list(ids), p)
-            for pi, ids in enumerate(prompts)
-            for i, p in enumerate(params)
-        ]
-        n = total
-        self.num_inflight += n
-        finished = 0
-        start = time.monotonic()
-        first = True
-        channel = req.get("channel")
-        box: Outbox | None = None
-        if channel is not None:
-            box = self.channels.request_started(str(channel))
-        replica_sent = False
+        live = Live(rid, self.channels.request_started(channel), time.monotonic())
+        self._rids.add(rid)
         try:
-            if box is not None:
-                replica_sent = True
-                yield {"replica": self.replica_id}  # admitted; tokens follow on the channel
-            async for batch in self._batches(jobs):
-                merged: dict[int, dict[str, Any]] = {}
-                for i, out in batch:
-                    d = output_delta(i, out)
-                    if out.finished:
-                        finished += 1
-                        self.num_inflight -= 1
-                    if out.finish_reason == "error":
-                        msg = out.error or "engine error"
-                        yield {"error": APIError(500, msg, type="server_error").to_dict()}
-                        return
-                    if box is not None:
-                        box.put(rid, d)  # the channel sends it with the step's other deltas
-                    else:
-                        merged[i] = merge_deltas(merged[i], d) if i in merged else d
-                if first:
-                    first = False
-                    self.ttft.add(time.monotonic() - start)
-                if box is None:
-                    msg: dict[str, Any] = {"outputs": list(merged.values())}
-                    if not replica_sent:
-                        replica_sent = True
-                        msg["replica"] = self.replica_id
-                    yield msg
-        except StreamError as e:
-            err = e.error
-            if isinstance(err, ValueError):
-                m = str(err)
-                code = "context_length_exceeded" if "context length" in m else None
-                api = APIError(400, m, param=param_from_message(m), code=code)
-            else:
-                logger.exception("request %s failed", rid, exc_info=err)
-                api = APIError(500, f"engine error in request {rid}", type="server_error")
-            yield {"error": api.to_dict()}
+            try:
+                for pi, ids in enumerate(prompts):
+                    for i, p in enumerate(params):
+                        index = pi * n + i
+                        job = rid if total == 1 else f"{rid}-{index}"
+                        self.engine.add(job, list(ids), p)
+                        live.jobs[job] = index
+                        self._jobs[job] = live
+                        self.num_inflight += 1
+            except Exception as e:  # noqa: BLE001 - bad input or a dead engine, as a message
+                yield {"error": api_error(e, rid).to_dict()}
+                return
+            yield {"replica": self.replica_id}  # admitted; tokens follow on the channel
+            error = await live.done
+            if error is not None:
+                yield {"error": error.to_dict()}
         finally:
-            # Closing merge_coalesced aborted every unfinished engine stream (blocks freed).
-            self.num_inflight -= n - finished
-            if box is not None:
-                self.channels.request_ended(str(channel))
+            # Done, failed, or cancelled (client gone): abort what still runs (blocks freed).
+            for job in live.jobs:
+                self.engine.abort(job)
+                self._jobs.pop(job, None)
+            self.num_inflight -= len(live.jobs)
+            live.jobs.clear()
+            self._rids.discard(rid)
+            self.channels.request_ended(channel)
 
     async def channel(self, req: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """The output channel of one ingress (``req["channel"]``): see output_channel.py."""
         async for msg in self.channels.serve(str(req["channel"]), {"replica": self.replica_id}):
             yield msg
 
-    def _batches(
-        self, jobs: list[tuple[str, list[int], SamplingParams]]
-    ) -> AsyncIterator[list[tuple[int, RequestOutput]]]:
-        """Engine outputs as batches [(choice index, output)]. One choice (the common case) skips
-        the merge machinery: AsyncEngine already merges what a lagging consumer left queued."""
-        if len(jobs) > 1:
-            return merge_coalesced([self._stream(*job) for job in jobs])
-        return self._single(*jobs[0])
-
-    async def _single(
-        self, rid: str, ids: list[int], params: SamplingParams
-    ) -> AsyncIterator[list[tuple[int, RequestOutput]]]:
-        agen = self._stream(rid, ids, params)
-        try:
-            async for out in agen:
-                yield [(0, out)]
-        except Exception as e:  # the same error shape as merge_coalesced's
-            raise StreamError(0, e) from e
-        finally:
-            await agen.aclose()
-
-    async def _stream(
-        self, rid: str, ids: list[int], params: SamplingParams
-    ) -> AsyncIterator[RequestOutput]:
-        # A wrapper so a ValueError raised at call time or at the first step lands in the pump.
-        agen = self.engine.generate(rid, ids, params)
-        try:
-            async for out in agen:
-                yield out
-        finally:
-            # Closing the engine's iterator aborts the request and frees its KV blocks at once.
-            await agen.aclose()
+    async def _pump(self) -> None:
+        """Each engine step's outputs into their requests' channels (one wake-up per step)."""
+        while True:
+            try:
+                outs = await self.engine.outputs()
+            except Exception as e:  # the engine stopped: fail everyone, never hang them
+                logger.error("engine of replica %s stopped: %r", self.replica_id, e)
+                self.engine_error = e
+                dead = e if isinstance(e, EngineDeadError) else EngineDeadError(str(e))
+                for live in set(self._jobs.values()):
+                    live.end(api_error(dead, live.rid))
+                return
+            now = time.monotonic()
+            for out in outs:
+                live = self._jobs.get(out.request_id)
+                if live is None:
+                    continue  # aborted meanwhile
+                if out.finish_reason == "error":
+                    live.end(api_error(out.error or RuntimeError("engine error"), live.rid))
+                    continue
+                if live.first:
+                    live.first = False
+                    self.ttft.add(now - live.start, now)
+                live.box.put(live.rid, output_delta(live.jobs[out.request_id], out))
+                if out.finished:
+                    del live.jobs[out.request_id]
+                    del self._jobs[out.request_id]
+                    self.num_inflight -= 1
+                    if not live.jobs:
+                        live.end()
 
     # -- stats for Serve ----------------------------------------------------------------------
     # async so Serve runs them on the replica's event loop, never in a thread beside generate().
     async def record_routing_stats(self) -> dict[str, Any]:
-        self._ensure_metrics_task()  # an idle replica still exports its gauges
-        stats = self.engine.stats()
-        if self._tracker is None:
-            return {"num_waiting": stats.num_waiting, "num_running": stats.num_running}
+        self._ensure_tasks()  # an idle replica still exports its gauges
         self._tracker.apply_events(self.engine.pop_block_events())
-        return self._tracker.routing_stats(stats)
+        return self._tracker.routing_stats(self.engine.stats())
 
     async def record_autoscaling_stats(self) -> dict[str, int | float]:
-        self._ensure_metrics_task()
+        self._ensure_tasks()
         s = self.engine.stats()
         return {
             "queue_depth": s.num_waiting + s.num_running,
@@ -262,38 +270,18 @@ class LLMServer:
             **self.ttft.summary(),
         }
 
-    async def engine_stats(self) -> dict[str, Any]:
-        """For tests and `fleetlm status`: this replica's engine counters."""
-        s = self.engine.stats()
-        return {
-            "replica": self.replica_id,
-            "num_inflight": self.num_inflight,
-            "kv_cache_usage": s.kv_cache_usage,
-            **s.__dict__,
-        }
-
-    async def model_info(self) -> dict[str, Any]:
-        return {
-            "model": self.model_name,
-            "max_model_len": self.engine.max_model_len,
-            "block_size": self.engine.block_size,
-        }
-
     def check_health(self) -> None:
-        error = getattr(self.engine, "error", None)
-        if error is not None:
-            raise RuntimeError(f"engine thread stopped: {error}")
-        check = getattr(self.engine, "check_health", None)  # e.g. tensor-parallel workers alive
-        if check is not None:
-            check()
+        self.engine.check_health()  # a dead engine (process or thread) or a lost TP worker
 
     def __del__(self) -> None:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
 
-    # -- metrics ------------------------------------------------------------------------------
-    def _ensure_metrics_task(self) -> None:
+    # -- background tasks ---------------------------------------------------------------------
+    def _ensure_tasks(self) -> None:
+        if self._pump_task is None or self._pump_task.done() and self.engine_error is None:
+            self._pump_task = asyncio.ensure_future(self._pump())
         if self._metrics_task is None or self._metrics_task.done():
             self._metrics_task = asyncio.ensure_future(self._publish_metrics_loop())
 
@@ -306,16 +294,14 @@ class LLMServer:
             await asyncio.sleep(METRICS_PERIOD_S)
 
     def _publish_metrics(self) -> None:
-        m = _get_metrics()
-        if m is None:
-            return
+        m = get_metrics()
         s = self.engine.stats()
         prev = self._last_stats
         labels = {"model": self.model_name, "replica": self.replica_id}
         m.set("num_requests_waiting", s.num_waiting, **labels)
         m.set("num_requests_running", s.num_running, **labels)
         m.set("kv_cache_usage_perc", s.kv_cache_usage, **labels)
-        for metric, field in (
+        for metric, name in (
             ("prompt_tokens_total", "prompt_tokens_total"),
             ("generation_tokens_total", "generation_tokens_total"),
             ("prefix_cache_queries_total", "prefix_cache_query_tokens"),
@@ -324,10 +310,34 @@ class LLMServer:
             ("spec_decode_num_draft_tokens_total", "spec_draft_tokens"),
             ("spec_decode_num_accepted_tokens_total", "spec_accepted_tokens"),
         ):
-            delta = getattr(s, field, 0) - (getattr(prev, field, 0) if prev is not None else 0)
+            delta = getattr(s, name, 0) - (getattr(prev, name, 0) if prev is not None else 0)
             if delta > 0:
                 m.inc(metric, delta, **labels)
         self._last_stats = s
+
+
+def default_engine(mc: Any) -> EngineClient:
+    """The replica's engine: the engine core in its own process (``engine_process``, default), or
+    the engine loop on a thread of the replica; tensor-parallel shards 1..N-1 as Ray actors."""
+    config = mc.engine_config()
+    launcher = master_addr = None
+    if config.tensor_parallel_size > 1:
+        import ray
+
+        from deployments.tp_worker import launch_workers
+
+        launcher, master_addr = launch_workers, ray.util.get_node_ip_address()
+    if mc.engine_process:
+        from engine.engine_core import EngineCoreClient
+
+        return EngineCoreClient(config, launcher=launcher, master_addr=master_addr)
+    from engine.async_engine import AsyncEngine
+    from engine.tp_runner import make_llm_engine
+
+    kw = {"master_addr": master_addr} if master_addr else {}
+    if launcher is None:
+        return AsyncEngine(lambda: make_llm_engine(config))
+    return AsyncEngine(lambda: make_llm_engine(config, launcher, **kw))
 
 
 def _replica_id() -> str:
@@ -337,19 +347,3 @@ def _replica_id() -> str:
         return serve.get_replica_context().replica_id.unique_id
     except Exception:  # outside Serve (unit tests)
         return "local"
-
-
-def _make_tracker(block_size: int) -> Any:
-    try:
-        from router.replica_stats import ReplicaCacheTracker
-    except ModuleNotFoundError:
-        return None
-    return ReplicaCacheTracker(block_size)
-
-
-def _get_metrics() -> Any:
-    try:
-        from deployments.metrics import get_metrics
-    except ModuleNotFoundError:
-        return None
-    return get_metrics()

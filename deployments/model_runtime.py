@@ -1,7 +1,7 @@
 """What the ingress keeps per served model: tokenizer, limits, replica handle, response cache.
 
-The ingress checks context length itself (the same rule as the engine's validate()) so an oversized
-prompt is refused with ``context_length_exceeded`` without a round trip to a replica.
+The ingress checks the prompt itself (engine/request_checks.py, the engine's own rule) so an
+oversized prompt is refused with ``context_length_exceeded`` without a round trip to a replica.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Any
 
 from deployments.protocol import APIError, bad_request
 from deployments.tool_calls import parser_for_template
+from engine.request_checks import RequestError, check_prompt, model_max_len
 
 logger = logging.getLogger("ray.serve")
 
@@ -25,7 +26,7 @@ class ModelRuntime:
     block_size: int
     vocab_size: int
     cache: Any = None  # ResponseCacheLayer or None
-    channels: Any = None  # output_channel.ChannelMux to this model's replicas, or None
+    channels: Any = None  # output_channel.ChannelMux to this model's replicas
     tool_parser: str = "hermes"  # tool-call format of the model (deployments/tool_calls.py)
     _token_text: dict[int, str] = field(default_factory=dict)
 
@@ -60,28 +61,10 @@ class ModelRuntime:
         return t
 
     def check_prompt(self, ids: list[int], sampling: dict[str, Any]) -> None:
-        n = len(ids)
-        if n == 0:
-            raise bad_request("prompt must not be empty", "prompt")
-        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
-        if bad:
-            raise bad_request(
-                f"prompt contains token ids outside the vocabulary [0, {self.vocab_size}): "
-                f"{bad[:5]}",
-                "prompt",
-            )
-        max_tokens = sampling.get("max_tokens")
-        if n >= self.max_model_len or (
-            max_tokens is not None and n + max_tokens > self.max_model_len
-        ):
-            wanted = f"{n} prompt tokens" + (f" + {max_tokens} max_tokens" if max_tokens else "")
-            raise APIError(
-                400,
-                f"this model's maximum context length is {self.max_model_len} tokens; the request "
-                f"asks for {wanted}. Shorten the prompt or lower max_tokens.",
-                param="max_tokens" if n < self.max_model_len else "prompt",
-                code="context_length_exceeded",
-            )
+        try:
+            check_prompt(ids, sampling.get("max_tokens"), self.vocab_size, self.max_model_len)
+        except RequestError as e:
+            raise APIError(400, str(e), param=e.param, code=e.code) from None
 
     async def cache_lookup(self, namespace: str, body: Any) -> tuple[str, dict[str, Any]] | None:
         if self.cache is None:
@@ -111,9 +94,7 @@ def load_runtime(mc: Any, handle: Any) -> ModelRuntime:
     tokenizer = AutoTokenizer.from_pretrained(path)
     hf = AutoConfig.from_pretrained(path)
     ec = mc.engine_config()
-    # Same rule as LLMEngine: the configured length, capped by the model's positions.
-    max_pos = getattr(hf, "max_position_embeddings", None) or 2048
-    max_model_len = min(ec.max_model_len or max_pos, max_pos)
+    max_model_len = model_max_len(ec.max_model_len, hf)
     vocab = getattr(hf, "vocab_size", None) or len(tokenizer)
     return ModelRuntime(
         name=mc.name,

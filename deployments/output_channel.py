@@ -11,9 +11,9 @@ The protocol (LLMServer.generate / LLMServer.channel, ingress.py):
 1. The ingress registers a sink for the request, then calls ``generate`` with ``req["channel"] =
    <its channel id>``. That stream carries one ``{"replica": id}`` message once the request is
    admitted, then an ``{"error": ...}`` message if the request fails, then ends. Cancelling it
-   aborts the request (as before).
+   aborts the request.
 2. The replica puts every engine output of that request into the channel's ``Outbox`` (merged per
-   request and choice while nobody drains it).
+   request and choice while nobody drains it: ``coalesce``).
 3. The ingress keeps one ``channel`` stream open to each replica it has requests on
    (``ChannelMux.ensure``); it yields ``{"replica": id}`` first, then ``{"d": {request_id:
    [delta, ...]}}`` batches. The mux hands each request's deltas to its sink.
@@ -40,6 +40,16 @@ logger = logging.getLogger("ray.serve")
 CHANNEL_IDLE_S = 5.0
 
 
+def coalesce(pending: dict[int, dict[str, Any]], delta: dict[str, Any]) -> None:
+    """Add ``delta`` to what waits for a slow consumer, one merged delta per choice index.
+
+    The one place outputs that piled up are merged (replica outbox, ingress sink): each hop
+    (replica -> ingress -> proxy -> client) costs a few hundred microseconds of CPU per message,
+    so a consumer that lags gets one message carrying several engine steps instead of a backlog."""
+    i = delta["index"]
+    pending[i] = merge_deltas(pending[i], delta) if i in pending else delta
+
+
 # -- replica side ------------------------------------------------------------------------------
 class Outbox:
     """Deltas for one ingress channel, merged per (request, choice) until a channel drains them."""
@@ -52,9 +62,7 @@ class Outbox:
         self.connected = False
 
     def put(self, request_id: str, delta: dict[str, Any]) -> None:
-        per = self.pending.setdefault(request_id, {})
-        i = delta["index"]
-        per[i] = merge_deltas(per[i], delta) if i in per else delta
+        coalesce(self.pending.setdefault(request_id, {}), delta)
         self.event.set()
 
     def drain(self) -> dict[str, list[dict[str, Any]]]:
@@ -128,13 +136,36 @@ class ChannelError(RuntimeError):
 
 
 class Sink:
-    """One request's deltas as they arrive through its replica's channel."""
+    """One request's deltas as they arrive through its replica's channel, merged per choice
+    until the request's consumer takes them; then its end (an error message or exception)."""
 
     def __init__(self) -> None:
-        self.queue: asyncio.Queue[list[dict[str, Any]] | BaseException | dict[str, Any]] = (
-            asyncio.Queue()
-        )
+        self.pending: dict[int, dict[str, Any]] = {}
+        self.end: BaseException | dict[str, Any] | None = None
+        self.event = asyncio.Event()
         self.replica: str | None = None
+
+    def put(self, deltas: list[dict[str, Any]]) -> None:
+        for d in deltas:
+            coalesce(self.pending, d)
+        self.event.set()
+
+    def put_end(self, end: BaseException | dict[str, Any]) -> None:
+        """``{"error": {...}}`` (APIError.to_dict()) or the exception that broke the channel;
+        it is taken after the deltas that arrived before it."""
+        if self.end is None:
+            self.end = end
+        self.event.set()
+
+    async def take(self) -> list[dict[str, Any]] | BaseException | dict[str, Any]:
+        while True:
+            if self.pending:
+                out, self.pending = list(self.pending.values()), {}
+                return out
+            if self.end is not None:
+                return self.end
+            self.event.clear()
+            await self.event.wait()
 
 
 OpenChannel = Callable[[str], AsyncIterator[dict[str, Any]]]
@@ -204,7 +235,7 @@ class ChannelMux:
                 for rid, deltas in msg.get("d", {}).items():
                     s = self.sinks.get(rid)
                     if s is not None:
-                        s.queue.put_nowait(deltas)
+                        s.put(deltas)
         except asyncio.CancelledError:
             error = ChannelError(f"channel to replica {replica} was cancelled")
         except StopAsyncIteration:
@@ -228,7 +259,7 @@ class ChannelMux:
                 ready.set_exception(error)
                 ready.exception()  # retrieved: waiters get it through bind()
             for s in bound:
-                s.queue.put_nowait(error)
+                s.put_end(error)
         elif bound and replica not in self._channels:
             # Ended for idleness while a request was being bound here: reopen.
             self._start(replica)
@@ -269,7 +300,6 @@ class ChannelRequest:
         self._cancel = cancel
         self._left = num_choices
         self._first: dict[str, Any] | None = None
-        self._held: Any = None  # an item taken from the queue while merging, not yet returned
         self._closed = False
         self._watcher = asyncio.ensure_future(self._watch())
 
@@ -278,40 +308,26 @@ class ChannelRequest:
         try:
             async for msg in self._stream:
                 if "error" in msg:
-                    self.sink.queue.put_nowait(msg)
+                    self.sink.put_end(msg)
                     return
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - e.g. the replica died
-            self.sink.queue.put_nowait(e)
+            self.sink.put_end(e)
 
     async def next_message(self) -> dict[str, Any] | None:
         """The next message, or None once every choice has finished. Deltas that piled up while
         the consumer was busy come merged as one message (per choice, in order)."""
         if self._left <= 0:
             return None
-        if self._held is not None:
-            item, self._held = self._held, None
-        else:
-            item = await self.sink.queue.get()
+        item = await self.sink.take()
         if isinstance(item, BaseException):
             raise item
         if isinstance(item, dict):
             self._left = 0  # an error ends the request
             return item
-        merged = {d["index"]: d for d in item}
-        q = self.sink.queue
-        while not q.empty():
-            nxt = q.get_nowait()
-            if not isinstance(nxt, list):
-                self._held = nxt  # an error or failure: after the tokens before it
-                break
-            for d in nxt:
-                i = d["index"]
-                merged[i] = merge_deltas(merged[i], d) if i in merged else d
-        deltas = list(merged.values())
-        self._left -= sum(1 for d in deltas if d.get("finish_reason") is not None)
-        return {"outputs": deltas}
+        self._left -= sum(1 for d in item if d.get("finish_reason") is not None)
+        return {"outputs": item}
 
     async def first_message(self) -> dict[str, Any] | None:
         """Wait for the first message (its status decides the HTTP one); messages() repeats it."""

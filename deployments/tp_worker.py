@@ -1,5 +1,6 @@
 """Ray glue for tensor-parallel replicas: shards 1..N-1 as ``TPWorker`` actors in the replica's
-placement group; shard 0 is the LLMServer replica itself (engine/tp_runner.py does the rest).
+placement group; shard 0 is the replica's engine core (engine/engine_core.py, which asks the replica
+to start the workers: it is not in Ray itself; engine/tp_runner.py does the rest).
 
 Serve reserves the replica's placement group from ``placement_group_bundles`` (deployments/app.py:
 one bundle per shard, the replica actor in bundle 0); worker r goes to bundle r with that bundle's
@@ -18,8 +19,7 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from engine.config import EngineConfig
-from engine.tp_runner import TPAsyncEngine, TPInit, run_worker
+from engine.tp_runner import TPInit, run_worker
 
 logger = logging.getLogger("ray.serve")
 
@@ -97,11 +97,6 @@ def launch_workers(init: TPInit) -> RayWorkers:
         refs.append(actor.run.remote(init, rank))
     logger.info("started %d tensor-parallel worker(s) %s-*", len(actors), tag)
     return RayWorkers(actors, refs)
-
-
-def tp_async_engine(config: EngineConfig) -> TPAsyncEngine:
-    """The replica's engine when ``tensor_parallel_size > 1``: shard 0 here, the rest as actors."""
-    return TPAsyncEngine(config, launch_workers, master_addr=ray.util.get_node_ip_address())
 
 
 # -- can the cluster place one replica at all? ----------------------------------------------

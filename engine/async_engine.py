@@ -1,9 +1,14 @@
-"""AsyncEngine: one background thread runs ``LLMEngine.step()``; each request is an async stream.
+"""The engine as a serving replica sees it (``EngineClient``), and ``AsyncEngine``: the engine loop
+on a thread of the caller's process.
 
-The event loop never touches scheduler state: adds and aborts are queued under a lock and applied by
-the engine thread between steps; outputs go back through ``loop.call_soon_threadsafe``, one call per
-step per event loop. A consumer that lags gets the queued updates merged into one (several tokens in
-one chunk), so a slow client costs one wake-up, not one per token.
+The interface is LLMEngine's public face made asynchronous: ``add`` and ``abort`` return at once,
+``outputs()`` waits for the next engine step(s) and returns every request's new tokens in one list
+(one step's outputs, or several steps' when the consumer lagged, in step order). The consumer
+(deployments/llm_server.py) routes them to the requests' output channels, where deltas that piled
+up are merged (deployments/output_channel.py): that is the only place outputs are coalesced.
+
+Implementations: ``AsyncEngine`` (here), ``engine.engine_core.EngineCoreClient`` (the same loop in
+a process of its own), and the fake engine of the serving tests.
 """
 
 from __future__ import annotations
@@ -11,153 +16,208 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
 
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
 from engine.outputs import BlockEvent, EngineStats, RequestOutput
 from engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # the serving layer imports this module without the model code
+    from engine.llm_engine import LLMEngine
 
 logger = logging.getLogger(__name__)
 
 
 class EngineDeadError(RuntimeError):
-    """The engine thread hit an unexpected error; requests in flight were failed."""
+    """The engine loop stopped after an unexpected error; every request in flight failed."""
 
 
-def _merge(a: RequestOutput, b: RequestOutput) -> RequestOutput:
-    b.new_token_ids = a.new_token_ids + b.new_token_ids
-    b.new_text = a.new_text + b.new_text
-    if a.logprobs or b.logprobs:
-        b.logprobs = (a.logprobs or []) + (b.logprobs or [])
-    return b
+class EngineClient(Protocol):
+    block_size: int
+    max_model_len: int
+
+    def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Queue a request. Raises ValueError (engine.request_checks.RequestError) for bad input
+        and EngineDeadError once the engine stopped; nothing is queued then."""
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request and free its KV blocks before the next step; unknown ids are ignored."""
+
+    async def outputs(self) -> list[RequestOutput]:
+        """The outputs of the steps run since the last call (waits for at least one). A request
+        whose add failed in the engine gets one finished output with finish_reason "error".
+        Raises EngineDeadError when the engine stopped."""
+
+    def stats(self) -> EngineStats: ...
+
+    def pop_block_events(self) -> list[BlockEvent]: ...
+
+    def check_health(self) -> None:
+        """Raise when the engine can serve no more requests (Serve then replaces the replica)."""
+
+    def shutdown(self) -> None: ...
+
+
+def error_output(request_id: str, error: BaseException) -> RequestOutput:
+    return RequestOutput(
+        request_id=request_id,
+        new_token_ids=[],
+        new_text="",
+        finished=True,
+        finish_reason="error",
+        error=error,
+    )
+
+
+class EngineLoop:
+    """What both the thread and the engine-core process run: adds and aborts queued from another
+    thread are applied between steps; ``run_once`` returns one step's outputs."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.adds: list[tuple[str, list[int], SamplingParams]] = []
+        self.aborts: list[str] = []
+
+    def queue_add(self, request_id: str, ids: list[int], params: SamplingParams) -> None:
+        with self.lock:
+            self.adds.append((request_id, ids, params))
+        self.wake.set()
+
+    def queue_abort(self, request_id: str) -> None:
+        with self.lock:
+            self.aborts.append(request_id)
+        self.wake.set()
+
+    def run_once(self, idle_wait_s: float) -> list[RequestOutput]:
+        """Apply queued adds/aborts, then one step; waits up to ``idle_wait_s`` when idle.
+        Exceptions from step() propagate (the caller fails every request)."""
+        eng = self.engine
+        with self.lock:
+            adds, self.adds = self.adds, []
+            aborts, self.aborts = self.aborts, []
+        failed = []
+        for rid in aborts:
+            eng.abort(rid)
+        for rid, ids, params in adds:
+            try:
+                eng.add_request(rid, ids, params)
+            except ValueError as e:  # checked before queueing; e.g. a duplicate id
+                failed.append(error_output(rid, e))
+        if not eng.has_unfinished():
+            if not failed:
+                self.wake.wait(timeout=idle_wait_s)
+                self.wake.clear()
+            return failed
+        return failed + eng.step()
+
+
+class OutputBuffer:
+    """Step outputs handed from an engine thread (or a pipe reader) to the event loop: one
+    wake-up per step, however many requests it carries."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ready = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._out: list[RequestOutput] = []
+        self.error: BaseException | None = None
+
+    def push(self, outs: list[RequestOutput]) -> None:
+        with self._lock:
+            self._out.extend(outs)
+        self._notify()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self._notify()
+
+    async def take(self) -> list[RequestOutput]:
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # one consumer loop at a time (a replica has one)
+            self._ready = asyncio.Event()
+            self._loop = loop
+        while True:
+            with self._lock:
+                out, self._out = self._out, []
+            if out:
+                return out
+            if self.error is not None:
+                raise EngineDeadError(f"engine stopped after an error: {self.error}")
+            self._ready.clear()
+            await self._ready.wait()
+
+    def _notify(self) -> None:
+        loop = self._loop
+        if loop is None:
+            return  # nobody waits yet: take() finds them on its first call
+        try:
+            loop.call_soon_threadsafe(self._ready.set)
+        except RuntimeError:  # loop closed
+            pass
 
 
 class AsyncEngine:
-    def __init__(self, config: EngineConfig, model_path: str | None = None) -> None:
-        self.engine = LLMEngine(config, model_path)
-        self.tokenizer = self.engine.tokenizer
+    """EngineClient with the engine loop on a thread of this process."""
+
+    def __init__(self, make_engine: Callable[[], LLMEngine]) -> None:
+        self.engine = make_engine()
         self.max_model_len = self.engine.max_model_len
         self.block_size = self.engine.block_size
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._adds: list[tuple[str, list[int], SamplingParams]] = []
-        self._aborts: list[str] = []
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._loop = EngineLoop(self.engine)
+        self._buffer = OutputBuffer()
         self._stopped = False
-        self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="fleetlm-engine", daemon=True)
         self._thread.start()
 
-    # -- public API (event loop side) ---------------------------------------------------------
-    async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
-    ) -> AsyncIterator[RequestOutput]:
+    @property
+    def error(self) -> BaseException | None:
+        return self._buffer.error
+
+    def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         if self.error is not None:
             raise EngineDeadError(f"engine stopped after an error: {self.error}")
-        self.engine.validate(prompt_token_ids, params)  # ValueError before anything is queued
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        with self._lock:
-            if request_id in self._streams:
-                raise ValueError(f"request_id {request_id!r} is already in flight")
-            self._streams[request_id] = (loop, queue)
-            self._adds.append((request_id, list(prompt_token_ids), params))
-        self._wake.set()
-        finished = False
-        try:
-            while True:
-                out = await queue.get()
-                while not queue.empty() and isinstance(out, RequestOutput) and not out.finished:
-                    nxt = queue.get_nowait()
-                    out = _merge(out, nxt) if isinstance(nxt, RequestOutput) else nxt
-                if isinstance(out, BaseException):
-                    finished = True
-                    raise out
-                finished = out.finished
-                yield out
-                if finished:
-                    return
-        finally:
-            if not finished:
-                self.abort(request_id)
+        self.engine.validate(prompt_token_ids, params)
+        self._loop.queue_add(request_id, list(prompt_token_ids), params)
 
     def abort(self, request_id: str) -> None:
-        with self._lock:
-            if self._streams.pop(request_id, None) is None:
-                return
-            self._aborts.append(request_id)
-        self._wake.set()
+        self._loop.queue_abort(request_id)
+
+    async def outputs(self) -> list[RequestOutput]:
+        return await self._buffer.take()
 
     def stats(self) -> EngineStats:
         s = self.engine.stats()
-        with self._lock:
-            s.num_waiting += len(self._adds)
+        with self._loop.lock:
+            s.num_waiting += len(self._loop.adds)
         return s
 
     def pop_block_events(self) -> list[BlockEvent]:
         return self.engine.pop_block_events()
 
-    @property
-    def num_in_flight(self) -> int:
-        return len(self._streams)
+    def check_health(self) -> None:
+        if self.error is not None:
+            raise EngineDeadError(f"engine stopped after an error: {self.error}")
+        check = getattr(self.engine.runner, "check_health", None)  # tensor-parallel workers
+        if check is not None:
+            check()
 
     def shutdown(self) -> None:
         self._stopped = True
-        self._wake.set()
+        self._loop.wake.set()
         self._thread.join(timeout=10)
+        close = getattr(self.engine.runner, "shutdown", None)
+        if close is not None:
+            close()
 
-    # -- engine thread ------------------------------------------------------------------------
     def _run(self) -> None:
-        eng = self.engine
         while not self._stopped:
-            with self._lock:
-                adds, self._adds = self._adds, []
-                aborts, self._aborts = self._aborts, []
-            for rid in aborts:
-                eng.abort(rid)
-            for rid, ids, params in adds:
-                try:
-                    eng.add_request(rid, ids, params)
-                except ValueError as e:  # e.g. a race with the same id; validated before
-                    self._deliver([(rid, e)])
-            if not eng.has_unfinished():
-                self._wake.wait(timeout=0.5)
-                self._wake.clear()
-                continue
             try:
-                outs = eng.step()
+                outs = self._loop.run_once(idle_wait_s=0.5)
             except Exception as e:  # a bug or device failure: fail everyone, never hang them
                 logger.exception("engine step failed")
-                self.error = e
-                with self._lock:
-                    rids = list(self._streams)
-                for rid in rids:
-                    eng.abort(rid)
-                self._deliver([(rid, EngineDeadError(f"engine step failed: {e}")) for rid in rids])
+                self._buffer.fail(e)
                 return
             if outs:
-                self._deliver([(o.request_id, o) for o in outs])
-
-    def _deliver(self, items: list[tuple[str, object]]) -> None:
-        per_loop: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
-        with self._lock:
-            for rid, item in items:
-                s = self._streams.get(rid)
-                if s is None:
-                    continue
-                finished = isinstance(item, BaseException) or item.finished
-                if finished:
-                    del self._streams[rid]
-                per_loop[s[0]].append((s[1], item))
-        for loop, batch in per_loop.items():
-            try:
-                loop.call_soon_threadsafe(_put_all, batch)
-            except RuntimeError:  # loop closed
-                pass
-
-
-def _put_all(batch: list[tuple[asyncio.Queue, object]]) -> None:
-    for q, item in batch:
-        q.put_nowait(item)
+                self._buffer.push(outs)

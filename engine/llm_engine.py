@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.model_runner import ModelRunner
 from engine.outputs import BlockEvent, EngineStats, RequestOutput, SchedulerOutput, TokenLogprob
+from engine.request_checks import RequestLimits, check_request, model_max_len
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
@@ -66,8 +66,7 @@ class LLMEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         self.runner = (runner_factory or ModelRunner)(config, self.model_path)
         self.block_size = config.block_size
-        max_pos = getattr(self.runner.hf_config, "max_position_embeddings", None) or 2048
-        self.max_model_len = min(config.max_model_len or max_pos, max_pos)
+        self.max_model_len = model_max_len(config.max_model_len, self.runner.hf_config)
         self.vocab_size = self.runner.vocab_size
         self.eos_token_ids = _eos_ids(self.model_path, self.tokenizer)
         self.block_manager = BlockManager(
@@ -105,6 +104,9 @@ class LLMEngine:
                         "speculative.model must share the target's tokenizer/vocabulary "
                         f"({self.draft_runner.vocab_size} != {self.vocab_size})"
                     )
+        self.limits = RequestLimits(
+            self.vocab_size, self.max_model_len, self.block_manager.num_blocks, self.block_size
+        )
         self.num_steps = 0
         self.requests: dict[str, Request] = {}
         self.detoks: dict[str, IncrementalDetokenizer] = {}
@@ -114,37 +116,8 @@ class LLMEngine:
 
     # -- requests -----------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raise ValueError naming the field; nothing is admitted on failure."""
-        if not isinstance(params, SamplingParams):
-            raise ValueError("params must be a SamplingParams")
-        params.validate()
-        n = len(prompt_token_ids)
-        if n == 0:
-            raise ValueError("prompt must not be empty")
-        bad = [
-            t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size
-        ]
-        if bad:
-            raise ValueError(
-                "prompt contains token ids outside the vocabulary "
-                f"[0, {self.vocab_size}): {bad[:5]}"
-            )
-        if n >= self.max_model_len:
-            raise ValueError(
-                f"prompt is {n} tokens but this model's maximum context length is "
-                f"{self.max_model_len} (the prompt must leave room for at least one output token)"
-            )
-        if params.max_tokens is not None and n + params.max_tokens > self.max_model_len:
-            raise ValueError(
-                f"max_tokens={params.max_tokens} plus the prompt's {n} tokens exceeds this model's "
-                f"maximum context length of {self.max_model_len}"
-            )
-        total = n + (params.max_tokens or self.max_model_len - n)
-        if math.ceil(total / self.block_size) > self.block_manager.num_blocks:
-            raise ValueError(
-                f"prompt + max_tokens = {total} tokens does not fit in the KV cache "
-                f"({self.block_manager.num_blocks} blocks of {self.block_size}); lower max_tokens"
-            )
+        """Raise RequestError (a ValueError) naming the field; nothing is admitted on failure."""
+        check_request(prompt_token_ids, params, self.limits)
 
     def add_request(
         self, request_id: str | None, prompt_token_ids: list[int], params: SamplingParams

@@ -13,7 +13,7 @@ of Ray: ``deployments/tp_worker.py`` places Ray actors in the replica's placemen
 ``local_launcher`` spawns local processes (tests, bench). Every worker runs :func:`run_worker`.
 
 Faults: a dead peer makes the next collective raise (gloo: "connection closed by peer"; a hung peer:
-the tensor group's timeout), so ``forward`` raises and the AsyncEngine fails its streams with
+the tensor group's timeout), so ``forward`` raises and the engine loop fails its requests with
 EngineDeadError instead of hanging; ``check_health`` also reports a worker that died while idle.
 """
 
@@ -29,7 +29,6 @@ from typing import Any, Protocol
 import torch
 from transformers import AutoConfig
 
-from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.model_runner import ModelRunner, resolve_device
@@ -231,44 +230,3 @@ def make_llm_engine(
     if config.tensor_parallel_size == 1:
         return LLMEngine(config, model_path)
     return LLMEngine(config, model_path, runner_factory=tp_runner_factory(launcher, **kw))
-
-
-class TPAsyncEngine(AsyncEngine):
-    """AsyncEngine over a tensor-parallel LLMEngine.
-
-    AsyncEngine's constructor builds its LLMEngine without a runner factory, so this repeats
-    that constructor's few assignments around :func:`make_llm_engine` (keep in step with
-    async_engine.py).
-    """
-
-    def __init__(
-        self, config: EngineConfig, launcher: Launcher, model_path: str | None = None, **kw
-    ) -> None:
-        import threading
-
-        self.engine = make_llm_engine(config, launcher, model_path, **kw)
-        self.tokenizer = self.engine.tokenizer
-        self.max_model_len = self.engine.max_model_len
-        self.block_size = self.engine.block_size
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._adds = []
-        self._aborts = []
-        self._streams = {}
-        self._stopped = False
-        self.error = None
-        self._thread = threading.Thread(target=self._run, name="fleetlm-engine", daemon=True)
-        self._thread.start()
-
-    def check_health(self) -> None:
-        if self.error is not None:
-            raise RuntimeError(f"engine thread stopped: {self.error}")
-        check = getattr(self.engine.runner, "check_health", None)
-        if check is not None:
-            check()
-
-    def shutdown(self) -> None:
-        super().shutdown()
-        close = getattr(self.engine.runner, "shutdown", None)
-        if close is not None:
-            close()

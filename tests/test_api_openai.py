@@ -308,7 +308,6 @@ def test_models_health_metrics(client, api):
 
 # -- replicas: routing, disconnect, overload --------------------------------------------------
 def test_shared_prefix_lands_on_one_replica(client):
-    pytest.importorskip("deployments.request_router")
     prefix = list(range(100, 196))  # 6 full blocks of 16
     replicas = set()
     for i in range(6):
@@ -323,7 +322,6 @@ def test_shared_prefix_lands_on_one_replica(client):
 
 
 def test_overloaded_replica_is_skipped_despite_affinity(api, client):
-    pytest.importorskip("deployments.request_router")
     prefix = list(range(600, 664))  # 4 full blocks, cached on one replica by the first request
     warm = client.completions.with_raw_response.create(
         model=MODEL, prompt=prefix + [1], max_tokens=1

@@ -34,18 +34,21 @@ def replica_states() -> dict[str, int]:
     return dict(serve.status().applications[APP].deployments[DEP].replica_states)
 
 
-async def one(handle, i: int, max_tokens: int) -> tuple[str | None, int]:
+async def one(handle, mux, i: int, max_tokens: int) -> tuple[str | None, int]:
+    """One request as the ingress sends it (tokens through the replica's output channel)."""
+    from deployments.replica_call import call_deltas, open_call
+
+    rid = f"as-{i}"
     req = {
-        "request_id": f"as-{i}",
+        "request_id": rid,
         "prompt_token_ids": [(7 * i + k) % 200 + 5 for k in range(24)],
         "sampling": {"max_tokens": max_tokens, "ignore_eos": True, "temperature": 0.0},
     }
     n = 0
     try:
-        async for msg in handle.options(stream=True).generate.remote(req):
-            if "error" in msg:
-                return str(msg["error"]), n
-            n += sum(len(o.get("token_ids", [])) for o in msg["outputs"])
+        call = await open_call(handle, mux, req, rid, MODEL)
+        async for items in call_deltas(call):
+            n += sum(len(d["token_ids"]) for _, d in items)
     except Exception as e:
         return repr(e), n
     return None, n
@@ -53,8 +56,10 @@ async def one(handle, i: int, max_tokens: int) -> tuple[str | None, int]:
 
 def test_llm_replicas_scale_on_engine_queue_and_drain_on_scale_down(ray_session):
     from ray import serve
+    from ray.serve.config import RequestRouterConfig
 
     from autoscaling.policy_file import parse_policy
+    from deployments.app import ROUTER_CLASS
     from deployments.autoscaling_policy import (
         GRACEFUL_SHUTDOWN_OPTIONS,
         get_history,
@@ -62,6 +67,7 @@ def test_llm_replicas_scale_on_engine_queue_and_drain_on_scale_down(ray_session)
         serve_autoscaling_config,
     )
     from deployments.llm_server import LLMServer
+    from deployments.replica_call import new_channel_mux
 
     put_policy(parse_policy(POLICY), "test")
     mc = {
@@ -75,6 +81,8 @@ def test_llm_replicas_scale_on_engine_queue_and_drain_on_scale_down(ray_session)
         max_ongoing_requests=18,
         ray_actor_options={"num_cpus": 0.01},
         autoscaling_config=serve_autoscaling_config(MODEL, min_replicas=1, max_replicas=2),
+        # Output channels are opened on a given replica: fleetlm's router honours that.
+        request_router_config=RequestRouterConfig(request_router_class=ROUTER_CLASS),
         **GRACEFUL_SHUTDOWN_OPTIONS,
     )
     handle = serve.run(dep.bind(mc), name=APP, route_prefix=None)
@@ -82,17 +90,21 @@ def test_llm_replicas_scale_on_engine_queue_and_drain_on_scale_down(ray_session)
         states: list[dict[str, int]] = []
 
         async def drive() -> list[tuple[str | None, int]]:
+            mux = new_channel_mux(handle)
             tasks = []
             # burst: 24 requests of 96 tokens in 2.4 s, then a trickle for 24 s that keeps
             # requests streaming while the second replica is chosen for removal and drains
             for i in range(24):
-                tasks.append(asyncio.create_task(one(handle, i, 96)))
+                tasks.append(asyncio.create_task(one(handle, mux, i, 96)))
                 await asyncio.sleep(0.1)
             for i in range(24, 36):
-                tasks.append(asyncio.create_task(one(handle, i, 32)))
+                tasks.append(asyncio.create_task(one(handle, mux, i, 32)))
                 states.append(await asyncio.to_thread(replica_states))
                 await asyncio.sleep(2.0)
-            return await asyncio.gather(*tasks)
+            try:
+                return await asyncio.gather(*tasks)
+            finally:
+                await mux.close()
 
         t0 = time.time()
         results = asyncio.run(drive())

@@ -280,14 +280,15 @@ def test_deltas_that_piled_up_come_merged_and_an_error_after_them_still_arrives(
         sink = mux.register("r")
         r = request(mux, "r", choices=2)
         # Three channel messages reached the sink while the consumer was busy, then an error.
-        sink.queue.put_nowait([delta(0, [1]), delta(1, [10])])
-        sink.queue.put_nowait([delta(0, [2])])
-        sink.queue.put_nowait([delta(1, [11])])
-        sink.queue.put_nowait({"error": {"status": 500, "message": "boom"}})
+        sink.put([delta(0, [1]), delta(1, [10])])
+        sink.put([delta(0, [2])])
+        sink.put([delta(1, [11])])
+        sink.put_end({"error": {"status": 500, "message": "boom"}})
+        sink.put([delta(0, [3])])  # after the end: still before it (the replica sent it first)
         msgs = await asyncio.wait_for(collect(r), 2)
         assert len(msgs) == 2
         by_idx = {d["index"]: d["token_ids"] for d in msgs[0]["outputs"]}
-        assert by_idx == {0: [1, 2], 1: [10, 11]}
+        assert by_idx == {0: [1, 2, 3], 1: [10, 11]}
         assert msgs[1] == {"error": {"status": 500, "message": "boom"}}
 
     asyncio.run(go())

@@ -44,8 +44,6 @@ def base(ray_session):
             "api_keys": [
                 {"sha256": hashlib.sha256(k.encode()).hexdigest()} for k in (KEY_A, KEY_B)
             ],
-            # This app takes the per-request stream path (test_api_openai covers the channels).
-            "router": {"output_channels": False},
         }
     )
     serve.run(build_app(cfg), name=APP, route_prefix=PREFIX)

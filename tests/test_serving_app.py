@@ -25,7 +25,6 @@ def test_fixed_replicas_capacity_and_drain():
 
 
 def test_router_config_carries_the_policy():
-    pytest.importorskip("deployments.request_router")
     cfg = ClusterConfig.model_validate(
         {
             "models": [{"name": "m", "model": "demo-small"}],

@@ -14,12 +14,13 @@ from transformers import AutoConfig
 
 from engine.async_engine import EngineDeadError
 from engine.config import EngineConfig
+from engine.engine_core import EngineCoreClient
 from engine.llm_engine import LLMEngine
 from engine.model_runner import ModelRunner
 from engine.outputs import SchedulerOutput
 from engine.sampling_params import SamplingParams
 from engine.tensor_parallel import TPGroup, open_store, plan_heads
-from engine.tp_runner import TPAsyncEngine, local_launcher, make_llm_engine
+from engine.tp_runner import local_launcher, make_llm_engine
 
 
 def _cfg(**kw):
@@ -199,28 +200,32 @@ def test_tp2_greedy_equals_tp1_with_prefix_hits_and_preemption(tp1_tokens):
     assert all(p.exitcode == 0 for p in engine.runner.workers.procs)
 
 
-def test_killed_worker_fails_streams_and_health_promptly():
-    engine = TPAsyncEngine(EngineConfig(**ENGINE, tensor_parallel_size=2), local_launcher)
+def test_killed_worker_fails_requests_and_health_promptly():
+    """The engine core process drives the shards (started by its parent, as a replica does)."""
+    engine = EngineCoreClient(
+        EngineConfig(**ENGINE, tensor_parallel_size=2), launcher=local_launcher
+    )
     try:
         engine.check_health()
-        proc = engine.engine.runner.workers.procs[0]
+        proc = engine.workers.procs[0]
         long = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
 
         async def consume() -> tuple[int, BaseException | None]:
             got = 0
+            engine.add("r1", [11, 12, 13], long)
             try:
-                async for out in engine.generate("r1", [11, 12, 13], long):
-                    got += len(out.new_token_ids)
+                while True:
+                    for out in await engine.outputs():
+                        got += len(out.new_token_ids)
                     if got >= 3 and proc.is_alive():
                         proc.kill()  # mid-request
             except EngineDeadError as e:
                 return got, e
-            return got, None
 
         t0 = time.monotonic()
         got, err = asyncio.run(asyncio.wait_for(consume(), timeout=60))
         assert err is not None and got < 400, got
-        assert "engine step failed" in str(err)
+        assert "engine core failed" in str(err)
         assert time.monotonic() - t0 < 30
         with pytest.raises(RuntimeError):
             engine.check_health()
