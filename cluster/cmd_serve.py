@@ -104,7 +104,7 @@ def prepare_for_deploy(cfg: ClusterConfig, build_models: bool) -> ClusterConfig:
     digests = []
     for i, key in enumerate(cfg.api_keys):
         try:
-            digests.append({"sha256": key.digest()})
+            digests.append({**key.model_dump(exclude={"sha256", "env"}), "sha256": key.digest()})
         except ValueError:
             msg = f"api_keys[{i}].env: environment variable {key.env} is not set"
             raise CLIError(msg) from None

@@ -263,6 +263,16 @@ class ApiKey(_Strict):
         None, description="Lower-case hex SHA-256 of the key (`printf %s KEY | sha256sum`)."
     )
     env: str | None = Field(None, description="Name of an environment variable holding the key.")
+    requests_per_minute: int | None = Field(
+        None,
+        ge=1,
+        description="Requests per minute this key may send; null: no limit.",
+    )
+    tokens_per_minute: int | None = Field(
+        None,
+        ge=1,
+        description="Prompt + completion tokens per minute this key may use; null: no limit.",
+    )
 
     @model_validator(mode="after")
     def _one(self) -> ApiKey:

@@ -42,6 +42,7 @@ from deployments.protocol import (
     error_body,
     validation_error_to_api,
 )
+from deployments.rate_limit import admit_or_raise, limiter_for
 from deployments.replica_call import call_deltas, internal_error, new_channel_mux, open_call
 from deployments.tool_calls import ToolUse, tool_use
 from engine.block_hash import block_hashes
@@ -83,7 +84,9 @@ class OpenAIIngress:
         from cluster.config import ClusterConfig
 
         cfg = ClusterConfig.model_validate(cluster)
-        self.key_digests = set(cfg.api_key_digests())
+        digests = cfg.api_key_digests()
+        self.key_digests = set(digests)
+        self.rate = limiter_for(cfg.api_keys, digests)  # per-key requests/tokens per minute
         self.limits = Limits.from_config(cfg.limits)
         BodySizeLimit.set_limit(self.limits.max_body_bytes)
         self.runtimes: dict[str, ModelRuntime] = {
@@ -187,6 +190,7 @@ class OpenAIIngress:
         t0: float,
     ) -> Any:
         namespace = self._auth(request)
+        admit_or_raise(self.rate, namespace, time.monotonic())
         rt = self._runtime(body.model)
         check_request(body, self.limits, rt.max_model_len)  # before any tokenizing or queueing
         sampling = body.sampling()
@@ -218,6 +222,7 @@ class OpenAIIngress:
                 apply_delta(states[idx], d)
         out = writer.body(dict(states), n)
         tracker.done(public_finish_reason(states[0].finish_reason))
+        self.rate.charge(namespace, out["usage"]["total_tokens"], time.monotonic())
         await rt.cache_store(namespace, body, out)
         return JSONResponse(out, headers=headers)
 
@@ -300,6 +305,7 @@ class OpenAIIngress:
         finally:
             await deltas.aclose()
         tracker.done(public_finish_reason(states[0].finish_reason))
+        self.rate.charge(namespace, usage_of(states, n).to_dict()["total_tokens"], time.monotonic())
         full = writer.body(dict(states), n)
         await rt.cache_store(namespace, body, full)
 

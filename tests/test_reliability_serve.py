@@ -1,0 +1,242 @@
+"""Bad input, limits, per-key rate limits and a short schemathesis pass against the served app:
+real Ray Serve (the session instance), real HTTP through Serve's proxy, one demo-small replica.
+
+The rule these tests hold the server to: an error in one request's data ends that request with a
+4xx OpenAI error object naming the field, and every other request on that replica completes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.ray
+
+APP = "fleetlm-reliability-test"
+PREFIX = "/reltest"
+KEY = "rel-key"
+LIMITED_KEY = "rel-limited-key"  # 3 requests per minute
+MODEL = "tiny"
+MAX_MODEL_LEN = 256
+
+
+@pytest.fixture(scope="module")
+def api(ray_session):
+    from ray import serve
+
+    from cluster.config import ClusterConfig
+    from deployments.app import build_app
+
+    cfg = ClusterConfig.model_validate(
+        {
+            "models": [
+                {
+                    "name": MODEL,
+                    "model": "demo-small",
+                    "num_replicas": 1,
+                    "engine": {
+                        "num_kv_blocks": 64,
+                        "max_num_seqs": 8,
+                        "max_model_len": MAX_MODEL_LEN,
+                        "num_threads": 1,
+                    },
+                    "resources_per_replica": {"num_cpus": 1},
+                    "caches": {"exact": {"enabled": False}},
+                }
+            ],
+            "api_keys": [
+                {"sha256": hashlib.sha256(KEY.encode()).hexdigest()},
+                {
+                    "sha256": hashlib.sha256(LIMITED_KEY.encode()).hexdigest(),
+                    "requests_per_minute": 3,
+                },
+            ],
+        }
+    )
+    serve.run(build_app(cfg), name=APP, route_prefix=PREFIX)
+    base = ray_session + PREFIX
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(base + "/health", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "ingress never became healthy"
+        time.sleep(0.5)
+    yield base
+    serve.delete(APP)
+
+
+def auth(key: str = KEY) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}", "content-type": "application/json"}
+
+
+def error_of(r: httpx.Response) -> dict:
+    body = r.json()
+    assert set(body) == {"error"}, body
+    return body["error"]
+
+
+def test_a_huge_seed_is_a_400_and_the_replicas_other_streams_complete(api):
+    async def main():
+        async with httpx.AsyncClient(timeout=60) as http:
+
+            async def stream(i):
+                body = {
+                    "model": MODEL,
+                    "prompt": [5, 6, 7, i + 10],
+                    "max_tokens": 120,
+                    "ignore_eos": True,
+                    "stream": True,
+                }
+                events = []
+                async with http.stream(
+                    "POST", api + "/v1/completions", json=body, headers=auth()
+                ) as r:
+                    assert r.status_code == 200
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: "):
+                            events.append(line[6:])
+                return events
+
+            async def poison():
+                await asyncio.sleep(0.3)  # while the streams run
+                bad = []
+                for body in (
+                    {"model": MODEL, "prompt": "x", "seed": 2**80},
+                    {"model": MODEL, "prompt": "x", "seed": -(2**70), "temperature": 1},
+                    {"model": MODEL, "prompt": "x", "repetition_penalty": 1e-300},
+                    {"model": MODEL, "prompt": "x", "stop_token_ids": [2**70]},
+                ):
+                    bad.append(await http.post(api + "/v1/completions", json=body, headers=auth()))
+                return bad
+
+            return await asyncio.gather(poison(), *(stream(i) for i in range(4)))
+
+    bad, *streams = asyncio.run(main())
+    assert [r.status_code for r in bad] == [400] * 4
+    assert [error_of(r)["param"] for r in bad] == [
+        "seed",
+        "seed",
+        "repetition_penalty",
+        "stop_token_ids",
+    ]
+    for events in streams:
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    # The replica still serves new requests.
+    r = httpx.post(
+        api + "/v1/completions",
+        json={"model": MODEL, "prompt": "ok", "max_tokens": 2, "seed": 2**63 - 1},
+        headers=auth(),
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+
+
+def test_lone_surrogates_are_a_400_naming_the_field(api):
+    # Raw bytes: the JSON escape \ud800 decodes to a lone surrogate (invalid Unicode text).
+    cases = [
+        (b'{"model": "tiny", "prompt": "hi \\ud800"}', "/v1/completions", "prompt"),
+        (
+            b'{"model": "tiny", "messages": [{"role": "user", "content": "\\udfff"}]}',
+            "/v1/chat/completions",
+            "messages.0.content",
+        ),
+        (b'{"model": "tiny", "prompt": "x", "stop": ["\\ud800"]}', "/v1/completions", "stop.0"),
+        # A field name that isn't text: nothing to name, the message says what is wrong.
+        (b'{"model": "tiny", "prompt": "x", "\\ud800": 1}', "/v1/completions", None),
+        (b'{"model": "\\ud800", "prompt": "x"}', "/v1/completions", "model"),  # 404 unknown
+    ]
+    for raw, path, param in cases:
+        r = httpx.post(api + path, content=raw, headers=auth(), timeout=30)
+        assert 400 <= r.status_code < 500, (raw, r.status_code, r.text)
+        assert error_of(r)["param"] == param, (raw, r.text)
+        assert param is not None or "unicode" in error_of(r)["message"].lower()
+
+
+def test_a_50mb_body_is_a_413_at_once(api):
+    big = b'{"model": "tiny", "prompt": "' + b"a" * (50 * 2**20) + b'"}'
+    t0 = time.monotonic()
+    r = httpx.post(api + "/v1/completions", content=big, headers=auth(), timeout=30)
+    took = time.monotonic() - t0
+    assert r.status_code == 413, r.text[:300]
+    assert error_of(r)["code"] == "request_too_large"
+    assert took < 10, f"413 took {took:.1f}s"
+
+    def chunks():  # no Content-Length: the ingress counts the bytes as they arrive
+        for _ in range(50):
+            yield b"a" * 2**20
+
+    t0 = time.monotonic()
+    r = httpx.post(api + "/v1/completions", content=chunks(), headers=auth(), timeout=30)
+    took = time.monotonic() - t0
+    assert r.status_code == 413, r.text[:300]
+    assert took < 10, f"chunked 413 took {took:.1f}s"
+
+
+def test_limits_before_work(api):
+    t0 = time.monotonic()
+    r = httpx.post(
+        api + "/v1/completions",
+        json={"model": MODEL, "prompt": "word " * 400_000, "max_tokens": 1},  # 2M characters
+        headers=auth(),
+        timeout=30,
+    )
+    took = time.monotonic() - t0
+    assert r.status_code == 400 and error_of(r)["code"] == "context_length_exceeded"
+    assert error_of(r)["param"] == "prompt"
+    assert took < 3, f"a 2M-character prompt took {took:.1f}s to refuse"
+    for extra, param in (
+        ({"stop": [f"s{i}" for i in range(1000)]}, "stop"),
+        ({"max_tokens": 10**30}, "max_tokens"),
+        ({"n": 17}, "n"),
+        ({"logprobs": 30}, "logprobs"),
+        ({"stop_token_ids": list(range(1000))}, "stop_token_ids"),
+    ):
+        r = httpx.post(
+            api + "/v1/completions",
+            json={"model": MODEL, "prompt": "x", **extra},
+            headers=auth(),
+            timeout=30,
+        )
+        assert r.status_code == 400, (extra, r.text)
+        assert error_of(r)["param"] == param
+
+
+def test_per_key_requests_per_minute_gives_429_with_openai_headers(api):
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 1}
+    codes = []
+    for _ in range(4):
+        r = httpx.post(api + "/v1/completions", json=body, headers=auth(LIMITED_KEY), timeout=60)
+        codes.append(r.status_code)
+    assert codes == [200, 200, 200, 429]
+    assert error_of(r)["type"] == "rate_limit_error"
+    assert int(r.headers["retry-after"]) >= 1
+    assert r.headers["x-ratelimit-limit-requests"] == "3"
+    assert r.headers["x-ratelimit-remaining-requests"] == "0"
+    assert r.headers["x-ratelimit-reset-requests"].endswith("s")
+    # The other key is not limited by this one's use.
+    ok = httpx.post(api + "/v1/completions", json=body, headers=auth(), timeout=60)
+    assert ok.status_code == 200
+
+
+def test_openapi_is_served_and_a_short_schemathesis_pass_finds_nothing(api):
+    doc = httpx.get(api + "/openapi.json", timeout=30).json()
+    assert {"/v1/completions", "/v1/chat/completions", "/v1/models"} <= set(doc["paths"])
+    from bench.fuzz_api import fuzz
+
+    res = fuzz(api, KEY, cases_per_run=12, model=MODEL)
+    print(res.to_dict())
+    assert res.cases >= 50, res.to_dict()
+    assert res.server_errors == 0 and res.hangs == 0, res.to_dict()
+    assert res.non_openai_errors == 0 and res.leaks == 0, res.to_dict()
+    assert res.check_failures == 0 and res.harness_errors == 0, res.to_dict()
+    assert res.by_status.get(400) and res.by_status.get(200), res.to_dict()
