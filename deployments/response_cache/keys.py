@@ -5,7 +5,9 @@ the output). Fields that only change delivery (``stream``, ``stream_options``, `
 dropped; a field equal to its documented default is dropped, so an explicit ``top_p: 1`` and an
 absent one share an entry; with temperature 0 (greedy) the fields greedy decoding ignores (top_p,
 top_k, min_p, seed) are dropped too. Unknown fields are kept: a field we don't understand can only
-split entries, never merge two requests with different answers.
+split entries, never merge two requests with different answers. ``response_format``, ``tools`` and
+``tool_choice`` are such fields: a cached answer to one schema or tool set is never served to
+another (only ``{"type": "text"}`` equals an absent response_format).
 
 Semantic split: the text that is embedded is the last user message (chat) or the prompt string
 (completion). Everything else (system prompt, earlier turns, sampling fields) goes into an exact
@@ -42,6 +44,7 @@ _DEFAULTS: dict[str, Any] = {
     "include_stop_str_in_output": False,
     "skip_special_tokens": True,
     "suffix": "",
+    "response_format": {"type": "text"},
 }
 _GREEDY_IGNORED = frozenset({"top_p", "top_k", "min_p", "seed"})
 OPENAI_DEFAULT_TEMPERATURE = 1.0  # an absent temperature samples, as in OpenAI's API
