@@ -24,14 +24,6 @@ MODEL = "tiny"
 MAX_MODEL_LEN = 512
 
 
-def _has_cache_layer() -> bool:
-    try:
-        from deployments.response_cache import ResponseCacheLayer  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 @pytest.fixture(scope="module")
 def api(ray_session):
     from ray import serve
@@ -53,18 +45,15 @@ def api(ray_session):
             "max_queued_requests": 3,
             "resources_per_replica": {"num_cpus": 1},
             "caches": {"exact": {"enabled": False}},
-        }
+        },
+        {  # the same model with its response cache on
+            "name": "tiny-cached",
+            "model": "demo-small",
+            "num_replicas": 1,
+            "engine": {"num_kv_blocks": 32, "max_model_len": 256, "num_threads": 1},
+            "resources_per_replica": {"num_cpus": 1},
+        },
     ]
-    if _has_cache_layer():
-        models.append(
-            {
-                "name": "tiny-cached",
-                "model": "demo-small",
-                "num_replicas": 1,
-                "engine": {"num_kv_blocks": 32, "max_model_len": 256, "num_threads": 1},
-                "resources_per_replica": {"num_cpus": 1},
-            }
-        )
     cfg = ClusterConfig.model_validate(
         {
             "models": models,
@@ -399,7 +388,6 @@ def test_a_request_id_already_in_flight_is_a_400_and_the_first_request_is_unharm
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
 
 
-@pytest.mark.skipif(not _has_cache_layer(), reason="deployments.response_cache not present")
 def test_exact_cache_hit_header(api):
     c = openai.OpenAI(base_url=api + "/v1", api_key=KEY, max_retries=0)
     kw = dict(model="tiny-cached", prompt="cache me", max_tokens=4, temperature=0)

@@ -1,15 +1,15 @@
 """k8s/: the checked-in overlays are current, and every manifest validates offline.
 
-RayService against KubeRay's strict JSON schema (../shared/schemas), its RayCluster spec against the
-RayCluster CRD made strict the same way, core kinds with kubernetes-validate, serveConfigV2 with
-Ray's ServeDeploySchema, plus the rules KubeRay's controller checks beyond the CRD schema.
+RayService against KubeRay's strict JSON schema (vendored in tests/schemas/kuberay), its RayCluster
+spec against the RayCluster CRD made strict the same way, core kinds with kubernetes-validate,
+serveConfigV2 with Ray's ServeDeploySchema, plus the rules KubeRay's controller checks beyond the
+CRD schema.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import os
 import re
 from functools import cache
 from pathlib import Path
@@ -31,20 +31,13 @@ K8S_VERSION = "1.33.0"
 UPGRADE_TYPES = {"NewCluster", "NewClusterWithIncrementalUpgrade", "None"}
 
 
-def shared_dir() -> Path:
-    """../shared beside the repository (CI clones it there), or $FLEETLM_SHARED_DIR."""
-    env = os.environ.get("FLEETLM_SHARED_DIR")
-    for cand in (
-        [Path(env)] if env else [ROOT.parent / "shared", Path(__file__).parents[2] / "shared"]
-    ):
-        if (cand / "schemas").is_dir():
-            return cand
-    pytest.skip("KubeRay schemas not found: set FLEETLM_SHARED_DIR to the shared/ folder")
+# Vendored (tests/schemas/kuberay/README.md says where they come from): never a reason to skip.
+SCHEMAS = ROOT / "tests" / "schemas" / "kuberay"
 
 
 @cache
 def rayservice_schema() -> dict:
-    return json.loads((shared_dir() / "schemas" / "rayservice_v1.json").read_text())
+    return json.loads((SCHEMAS / "rayservice_v1.json").read_text())
 
 
 def _strict(node):
@@ -67,7 +60,7 @@ def _strict(node):
 
 @cache
 def raycluster_schema() -> dict:
-    crd = yaml.safe_load((shared_dir() / "schemas" / "ray.io_rayclusters.yaml").read_text())
+    crd = yaml.safe_load((SCHEMAS / "ray.io_rayclusters.yaml").read_text())
     version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
     return _strict(copy.deepcopy(version["schema"]["openAPIV3Schema"]))
 

