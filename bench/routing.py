@@ -601,7 +601,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="comma-separated (W6 default: " + ",".join(W6_POLICIES) + ")",
     )
     p.add_argument("--replicas", type=int, default=2)
-    p.add_argument("--imbalance", type=int, default=8, help="prefix_aware imbalance")
+    p.add_argument(
+        "--imbalance", type=int, default=32, help="prefix_aware imbalance (W6: Ray's tuned row too)"
+    )
     p.add_argument("--kv-fraction", type=float, default=0.6, help="of the distinct prefix tokens")
     p.add_argument(
         "--room-requests",

@@ -499,10 +499,13 @@ def _w6_rows(a: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
 
 def _w6_main(a: argparse.Namespace) -> None:
     for n, ev in itertools.product(a.replicas, a.eviction):
+        # As at 2 replicas: 12 tenants per replica and the whole cluster's cache holding 80% of
+        # the distinct prefix tokens (0.4 per replica at 2 replicas).
         w6 = W6(
             tenants=a.tenants if a.tenants else 12 * n,
-            rates=tuple(a.rates) if a.rates else tuple(n * r for r in (0.5, 1.0, 1.5)),
+            rates=tuple(a.rates) if a.rates else tuple(n * r for r in (1.0, 1.5, 2.0)),
             step_s=a.step_s,
+            kv_fraction=0.8 / n,
         )
         print(
             f"\n== W6 on {n} replicas ({ev}): {w6.tenants} tenants x {w6.users} users, "
@@ -548,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
         "--imbalance",
         type=int,
         nargs="+",
-        default=[8],
+        default=[32],
         help="prefix_aware imbalance (W6: also Ray's imbalanced_threshold, one row each)",
     )
     p.add_argument("--assumed-ttl-s", type=float, default=30.0)
@@ -562,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--replicas", type=int, nargs="+", default=[8, 32], help="W6")
     p.add_argument("--tenants", type=int, help="W6 (default: 12 per replica)")
-    p.add_argument("--rates", type=float, nargs="+", help="W6 (default: 0.5, 1, 1.5 per replica)")
+    p.add_argument("--rates", type=float, nargs="+", help="W6 (default: 1, 1.5, 2 per replica)")
     p.add_argument("--step-s", type=float, default=60.0, help="W6: seconds per rate")
     p.add_argument("--shift", action="store_true", help="W6: new tenants halfway through a step")
     p.add_argument("-v", "--verbose", action="store_true", help="every run, not just means")

@@ -210,7 +210,7 @@ class RouterConfig(_Strict):
         "prompts sent to each replica), for comparison.",
     )
     imbalance: int = Field(
-        8,
+        32,
         ge=0,
         description="prefix_aware: a replica whose load exceeds the least loaded one's by more "
         "than this many requests loses its affinity.",

@@ -8,17 +8,21 @@
 #                reported as cached, plus hashes this router assumed r stored because it sent r a
 #                prompt holding them less than assumed_ttl_s ago, even if r has since reported
 #                them evicted (router/prefix_index.py; default 30 s).
-#     load(r)  = num_waiting + num_running from r's last routing stats + requests this router sent r
-#                since those stats that have not completed yet, and never less than the requests
-#                this router has outstanding on r (a report is already old when it arrives;
-#                router/router_state.py).
+#     load(r)  = requests queued or running on r: other routers' (r's last reported num_waiting +
+#                num_running, less this router's own outstanding there when the report arrived)
+#                plus this router's own outstanding on r now (router/router_state.py).
 #     home(r)  = r is where this router itself last placed the matched prefix: h[match(r) - 1] is in
 #                r's history (assumed, not only reported), i.e. r got it by a cold or affinity
 #                decision within assumed_ttl_s (balance spills are not recorded, see below).
 #     footprint(r) = distinct blocks in r's history: the working set this router placed on r.
 #
 # Parameters (defaults)
-#   imbalance = 8         largest load gap tolerated for affinity (absolute requests, >= 0).
+#   imbalance = 32        largest load gap tolerated for affinity (absolute requests, >= 0).
+#                         Each spill recomputes a whole prefix on a replica that lacks it and
+#                         takes cache there: under load that work raises the queues, which
+#                         makes more spills (simulated W6 on 8 replicas past saturation: 231
+#                         spills and hit rate 0.48 at 8, none and 0.65 at 32; W2 had its best
+#                         TTFT from 16 up). The gap still bounds a hot prefix's queue.
 #   min_match_blocks = 1  a match shorter than this counts as no match (>= 1).
 #
 # Algorithm
@@ -52,7 +56,7 @@ from collections.abc import Sequence
 
 from router.policy import Decision, ReplicaView, check_candidates, least_loaded
 
-DEFAULT_IMBALANCE = 8
+DEFAULT_IMBALANCE = 32
 DEFAULT_MIN_MATCH_BLOCKS = 1
 
 

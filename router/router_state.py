@@ -1,11 +1,18 @@
 """What one router instance knows about its replicas, between their stats reports. Ray-free.
 
-Per replica: a PrefixIndex (reported cache + assumed blocks), the last parsed routing stats, the
-number of requests this router sent it since those stats and the number it has outstanding there
-(the load is never taken below the latter). ``choose()`` runs the policy over that
-view and books the decision at once (the next request must see it, even before Ray confirms the
-send); ``on_routed()`` settles it when Ray reports where the request actually went (a full replica
-may have rejected it and Ray tried the next rank), and returns the reason to count.
+Per replica: a PrefixIndex (reported cache + assumed blocks), the last parsed routing stats and
+the requests this router has outstanding there.
+
+Load (requests): the report's waiting + running, less this router's own requests outstanding when
+the report arrived (what remains is other routers' traffic), plus this router's requests
+outstanding now. A report is a snapshot taken a while before it arrives and is replaced only
+every stats period: counting it whole kept requests that had finished since in the load until the
+next report, so a replica that had just completed requests looked busiest and lost the next ones.
+
+``choose()`` runs the policy over that view and books the decision at once (the next request must
+see it, even before Ray confirms the send); ``on_routed()`` settles it when Ray reports where the
+request actually went (a full replica may have rejected it and Ray tried the next rank), and
+returns the reason to count.
 """
 
 from __future__ import annotations
@@ -28,27 +35,20 @@ MAX_IN_FLIGHT = 100_000  # routed requests awaiting on_completed(); older ones a
 class _Replica:
     index: PrefixIndex
     stats: ReplicaRoutingStats | None = None
-    # Requests this router sent since ``stats`` and not yet completed (reset when a new report
-    # arrives: the report counts whatever is still queued or running by then).
-    num_sent: int = 0
-    epoch: int = 0  # bumped with every new report, so an undo never crosses a reset
     # Requests this router booked here (chosen or routed) that have not completed: exact for this
     # router's own traffic whatever the reports' age.
     num_outstanding: int = 0
+    outstanding_at_report: int = 0  # num_outstanding when ``stats`` arrived
 
     @property
     def load(self) -> int:
-        # A report is a snapshot taken some time before it arrives: requests sent in between are
-        # in neither it nor num_sent (reset on arrival). This router's outstanding count is a
-        # lower bound that is never stale; with several routers the report adds the others'.
-        reported = (self.stats.load if self.stats else 0) + self.num_sent
-        return max(reported, self.num_outstanding)
+        others = max(0, self.stats.load - self.outstanding_at_report) if self.stats else 0
+        return others + self.num_outstanding
 
 
 @dataclass
 class _Booked:
     decision: Decision
-    epoch: int
     hashes: list[int] = field(default_factory=list)
 
 
@@ -89,8 +89,7 @@ class RouterState:
         if stats.cache_version != r.index.version:
             r.index.replace(stats.hashes(), stats.cache_version)
         r.stats = stats
-        r.num_sent = 0
-        r.epoch += 1
+        r.outstanding_at_report = r.num_outstanding
 
     def retain(self, replica_ids: Iterable[str]) -> None:
         """Forget replicas not in ``replica_ids`` (they left the deployment)."""
@@ -120,12 +119,10 @@ class RouterState:
         """Run the policy and book the decision; a repeated request_id undoes its last one first."""
         self._undo(self._open.pop(request_id, None))
         decision = self.policy.choose(request_hashes, self.views(candidate_ids), session_id)
-        r = self._get(decision.replica_id)
-        r.num_sent += 1
-        r.num_outstanding += 1
+        booked = self._book(decision, request_hashes)
         if decision.reason not in self._spill_reasons:
-            r.index.assume(request_hashes)
-        self._open[request_id] = _Booked(decision, r.epoch, list(request_hashes))
+            self._get(decision.replica_id).index.assume(request_hashes)
+        self._open[request_id] = booked
         while len(self._open) > MAX_OPEN_DECISIONS:
             self._undo(self._open.popitem(last=False)[1])
         return decision
@@ -141,10 +138,7 @@ class RouterState:
             # The chosen replica was full and Ray used another rank: a spill, like a balance
             # decision, so the prompt's blocks are not recorded as placed there.
             self._undo(booked)
-            r = self._get(replica_id)
-            r.num_sent += 1
-            r.num_outstanding += 1
-            booked = _Booked(Decision(replica_id, "fallback"), r.epoch)
+            booked = self._book(Decision(replica_id, "fallback"), booked.hashes)
             reason = "fallback"
         booked.hashes = []  # not needed any more; keep the in-flight table small
         self._in_flight[request_id] = booked
@@ -160,8 +154,13 @@ class RouterState:
         """Drop a booked decision whose request was cancelled before being sent."""
         self._undo(self._open.pop(request_id, None))
 
+    def _book(self, decision: Decision, request_hashes: Sequence[int]) -> _Booked:
+        """Count a request on its replica (one more outstanding)."""
+        self._get(decision.replica_id).num_outstanding += 1
+        return _Booked(decision, list(request_hashes))
+
     def _undo(self, booked: _Booked | None) -> None:
-        # Assumed hashes stay (they expire); only the load counts are given back.
+        # Assumed hashes stay (they expire); only the load count is given back.
         if booked is None:
             return
         r = self._replicas.get(booked.decision.replica_id)
@@ -169,8 +168,6 @@ class RouterState:
             return
         if r.num_outstanding > 0:
             r.num_outstanding -= 1
-        if r.epoch == booked.epoch and r.num_sent > 0:
-            r.num_sent -= 1
 
     def ranked(self, candidate_ids: Sequence[str], chosen: str) -> list[str]:
         """``chosen`` first, then the other candidates by load (Ray tries them in order if the

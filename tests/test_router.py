@@ -420,7 +420,7 @@ def test_ranked_puts_choice_first_then_by_load():
 def test_state_completed_requests_leave_the_load():
     st = RouterState(PrefixAwarePolicy())
     ta = ReplicaCacheTracker(BS)
-    st.update_stats("a", report(ta, running=2))
+    st.update_stats("a", report(ta, running=2))  # another router's 2 requests
     for rid in ("r1", "r2"):
         st.choose(rid, [], ["a"])
         assert st.on_routed(rid, "a") == "cold"
@@ -429,15 +429,17 @@ def test_state_completed_requests_leave_the_load():
     assert st.load("a") == 3
     st.on_completed("r1")  # twice: no effect
     assert st.load("a") == 3
-    # r2 was sent before this report: the report's queue counts it, its completion changes nothing.
+    # A report taken while r2 was still queued counts it (2 + 1); once r2 completes it leaves the
+    # load at once, not at the next report: 3 - 1 own at arrival = 2 others, + 0 own.
     st.update_stats("a", report(ta, running=3))
+    assert st.load("a") == 3
     st.on_completed("r2")
-    assert st.load("a") == 3
+    assert st.load("a") == 2
     st.on_completed("never-routed")
-    assert st.load("a") == 3
+    assert st.load("a") == 2
 
 
-def test_state_load_never_drops_below_own_outstanding_requests():
+def test_state_load_is_other_routers_queue_plus_own_outstanding():
     st = RouterState(RoundRobinPolicy())
     ta = ReplicaCacheTracker(BS)
     st.update_stats("a", report(ta))
@@ -446,17 +448,20 @@ def test_state_load_never_drops_below_own_outstanding_requests():
     st.on_routed("r1", "a")
     st.on_routed("r2", "a")
     assert st.load("a") == 3  # r3 is chosen, not yet confirmed: it counts too
-    # A report taken before the three arrived: the reset must not forget them.
+    # A report taken before the three arrived (queue 0 < 3 own): no other router's requests.
     st.update_stats("a", report(ta, running=0))
     assert st.load("a") == 3
     st.on_completed("r1")
     st.forget("r3")
     assert st.load("a") == 1
-    # Another router's requests show in the report: it wins when larger.
+    # 5 reported with 1 of ours outstanding: 4 belong to other routers; they stay until the next
+    # report while ours leave as they complete.
     st.update_stats("a", report(ta, waiting=2, running=3))
     assert st.load("a") == 5
     st.on_completed("r2")
-    assert st.load("a") == 5
+    assert st.load("a") == 4
+    st.update_stats("a", report(ta, running=1))
+    assert st.load("a") == 1
 
 
 def test_request_fields_reads_the_ingress_contract():

@@ -255,7 +255,7 @@ def test_ray_prefix_affinity_config_and_prompt_text():
     assert c.request_router_class == RAY_ROUTER_CLASS and c.request_router_kwargs == {}
     c = rc(policy="ray_prefix_affinity", ray_imbalanced_threshold=8)
     assert c.request_router_kwargs == {"imbalanced_threshold": 8}
-    assert rc(policy="prefix_aware").request_router_kwargs["imbalance"] == 8
+    assert rc(policy="prefix_aware").request_router_kwargs["imbalance"] == 32
     # One character per token, distinct ids to distinct characters (none a surrogate), so text
     # prefixes are token prefixes.
     ids = [0, 1, 2, 0xD800 - 0x4E00 - 1, 0xD800 - 0x4E00, 0xD800 - 0x4E00 + 1, 150_000]
