@@ -136,6 +136,9 @@ def cmd_apply(args: argparse.Namespace) -> int:
     _connect(args.address)
     prev = get_policy_record()
     rec = put_policy(policy, os.path.abspath(args.file))
+    from cluster.policy_memory import remember
+
+    remember(rec)  # `fleetlm up` restores it after a restart
     was = f" (was v{prev['version']})" if prev else ""
     print(f"applied policy v{rec['version']}{was} from {args.file}; replicas are not restarted")
     if args.wait > 0:

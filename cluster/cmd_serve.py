@@ -138,6 +138,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                 num_cpus=cfg.ray.num_cpus,
                 port=args.ray_port,
                 dashboard=args.dashboard,
+                dashboard_host=cfg.ray.dashboard_host,
                 die_with_parent=not args.detach,
                 extra_env=(
                     ray_runtime.direct_ingress_env(cfg.http.direct_ingress_port)
@@ -188,6 +189,12 @@ def cmd_up(args: argparse.Namespace) -> int:
             raise
         raise CLIError(f"deploy failed: {e}") from None
 
+    try:
+        from cluster.policy_memory import restore_live
+
+        print(restore_live())
+    except Exception as e:  # noqa: BLE001 - serving goes on; say plainly what runs
+        print(f"autoscaling policy: built-in defaults (restoring the saved one failed: {e})")
     _print_ready(cfg, url)
     if cfg.http.direct_ingress:
         direct = find_direct_ingress(_client_host(cfg.http.host), cfg.http.direct_ingress_port)

@@ -335,6 +335,11 @@ class RayConfig(_Strict):
     num_cpus: int | None = Field(
         None, ge=1, description="CPUs a locally started head offers; null: Ray's default."
     )
+    dashboard_host: str = Field(
+        "127.0.0.1",
+        description="Where the Ray dashboard of a locally started head listens (with `fleetlm up "
+        "--dashboard`); 0.0.0.0 opens it to the network (it has no login: see SECURITY.md).",
+    )
 
 
 class ClusterConfig(_Strict):
