@@ -15,13 +15,13 @@ from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.model_runner import ModelRunner
-from engine.outputs import BlockEvent, EngineStats, RequestOutput, SchedulerOutput, TokenLogprob
+from engine.outputs import BlockEvent, EngineStats, RequestOutput, TokenLogprob
 from engine.request_checks import RequestLimits, check_request, model_max_len
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Request
-from engine.spec_decode import SpecController, SpeculativeConfig, ngram_propose, verify
+from engine.spec_decode import DraftProposer, SpecController, SpeculativeConfig
 from engine.structured import StructuredDecoding
 
 logger = logging.getLogger(__name__)
@@ -82,9 +82,11 @@ class LLMEngine:
             self.max_model_len,
             config.enable_chunked_prefill,
         )
-        self.sampler = Sampler(self.runner.device, config.seed)
-        # Grammar matchers of constrained requests (response_format, tool calls).
+        self.sampler: Sampler = self.runner.sampler
+        # Grammar matchers of constrained requests (response_format, tool calls); their masks
+        # reach the logits through the sampler's processor hook.
         self.structured = StructuredDecoding(self.tokenizer, self.vocab_size, self.eos_token_ids)
+        self.sampler.logits_processors.append(self._grammar_masks)
         self.spec: SpecController | None = None
         self.draft_runner: ModelRunner | None = None
         if config.speculative:
@@ -104,6 +106,9 @@ class LLMEngine:
                         "speculative.model must share the target's tokenizer/vocabulary "
                         f"({self.draft_runner.vocab_size} != {self.vocab_size})"
                     )
+        self.proposer = (
+            DraftProposer(self.spec, self.block_manager, self.draft_runner) if self.spec else None
+        )
         self.limits = RequestLimits(
             self.vocab_size, self.max_model_len, self.block_manager.num_blocks, self.block_size
         )
@@ -145,11 +150,7 @@ class LLMEngine:
         if req is None:
             return False
         self.scheduler.abort(req)
-        self.detoks.pop(request_id, None)
-        self.sampler.forget(request_id)
-        self.structured.forget(request_id)
-        if self.spec is not None:
-            self.spec.forget(request_id)
+        self._forget(request_id)
         return True
 
     def has_unfinished(self) -> bool:
@@ -157,124 +158,87 @@ class LLMEngine:
 
     # -- the step -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Schedule, run the model and sample, apply the results, stream. A request whose own data
+        fails (sampling, detokenizing) ends alone with finish_reason "error"; the step goes on."""
         sched, reqs = self.scheduler.schedule()
         if not reqs:
             return []
         self.num_steps += 1
-        tokens_in = [r.token_ids + d for r, d in zip(reqs, sched.spec_token_ids, strict=True)]
-        # The draft model does not run here: its KV catches up in _propose, only for requests
-        # that speculate (a backed-off draft costs nothing).
-        logits = self.runner.forward(sched, tokens_in)
-        # Split logits rows: each sampling request owns 1 + len(drafts) consecutive rows.
-        plain: list[tuple[Request, int]] = []
-        spec: list[tuple[Request, int, list[int]]] = []
-        row = 0
-        for r, smp, drafts in zip(reqs, sched.sample, sched.spec_token_ids, strict=True):
-            if not smp:
-                continue
-            (spec.append((r, row, drafts)) if drafts else plain.append((r, row)))
-            row += 1 + len(drafts)
-        result: dict[str, tuple[list[int], list | None, int]] = {}
-        if plain:
-            idx = torch.tensor([i for _, i in plain], dtype=torch.long)
-            rows = logits[idx]
-            if self.structured.active:  # grammar masks on the constrained rows only
-                rows = self.structured.apply(rows, [r.request_id for r, _ in plain])
-            toks, lps = self.sampler.sample(rows, [r for r, _ in plain])
-            for (r, _), t, lp in zip(plain, toks, lps, strict=True):
-                result[r.request_id] = ([t], [lp] if lp is not None else None, 0)
-        for r, i, drafts in spec:
-            accepted = verify(
-                logits[i : i + len(drafts) + 1],
-                drafts,
-                None if r.params.greedy else (lambda row, p=r.params: self.sampler._probs(row, p)),
-                self.sampler._generator(r),
-            )
-            self.spec.record(r.request_id, len(drafts), len(accepted) - 1)
-            result[r.request_id] = (accepted, None, len(drafts) - (len(accepted) - 1))
-        sampled = [result[r.request_id][0] if r.request_id in result else [] for r in reqs]
-        rejected = [result[r.request_id][2] if r.request_id in result else 0 for r in reqs]
+        res = self.runner.execute_model(sched, reqs)
+        outputs = [self._fail(reqs[i], msg) for i, msg in res.errors.items()]
+        if self.spec is not None:
+            for r, n, rej in zip(reqs, res.num_draft_tokens, res.num_rejected, strict=True):
+                self.spec.record(r.request_id, n, n - rej)
         n_before = [r.num_tokens for r in reqs]
-        self.scheduler.update(reqs, sched.num_scheduled_tokens, sampled, rejected)
+        self.scheduler.update(
+            reqs, sched.num_scheduled_tokens, res.sampled_token_ids, res.num_rejected
+        )
         now = time.monotonic()
-        outputs = []
-        for req, before in zip(reqs, n_before, strict=True):
-            if req.request_id not in result:
+        for i, (req, before) in enumerate(zip(reqs, n_before, strict=True)):
+            if not res.sampled_token_ids[i] or i in res.errors:
                 continue
-            _, lps, _ = result[req.request_id]
             kept = req.token_ids[before:]  # tokens past a stop condition were not appended
-            if kept and self.structured.constrained(req.request_id):
-                self._grammar_accept(req, kept)
             if req.first_token_time is None:
                 req.first_token_time = now
             self.generation_tokens_total += len(kept)
-            outputs.append(self._output(req, kept, lps))
-        if self.spec is not None:
-            self._propose(self.scheduler.running)
+            try:
+                if kept and self.structured.constrained(req.request_id):
+                    self._grammar_accept(req, kept)
+                outputs.append(self._output(req, kept, res.logprobs[i]))
+            except Exception as e:  # noqa: BLE001 - one request's failure must not stop the step
+                outputs.append(self._fail(req, f"output failed: {e}"))
+        if self.proposer is not None:
+            # The draft model runs here, not in the target's step: its KV catches up only for
+            # requests that speculate (a backed-off draft costs nothing).
+            self.proposer.propose(self.scheduler.running, len(self.scheduler.waiting))
         return outputs
 
-    def _propose(self, running: list[Request]) -> None:
-        cfg = self.spec.cfg
-        eligible = self.spec.eligible(running, len(self.scheduler.waiting))
-        if not eligible:
-            return
-        k = cfg.num_tokens
-        if cfg.method == "ngram":
-            for r in eligible:
-                r.spec_token_ids = ngram_propose(r.token_ids, k, cfg.ngram_max, cfg.ngram_min)
-            return
-        # Draft model: k greedy steps over the eligible batch, slots allocated up front. The first
-        # catches the draft's KV up from what it last saw to the last known token (one chunk).
-        batch = [r for r in eligible if self.block_manager.allocate(r, 1 + k)]
-        if not batch:  # no free blocks for drafts this step
-            return
-        drafts: list[list[int]] = [[] for _ in batch]
-        computed = [self.spec.draft_valid(r) for r in batch]  # <= num_tokens - 1
-        for j in range(k):
-            if j:
-                computed = [r.num_tokens - 1 + j for r in batch]
-            out = SchedulerOutput(
-                req_ids=[r.request_id for r in batch],
-                num_scheduled_tokens=[
-                    r.num_tokens + j - c for r, c in zip(batch, computed, strict=True)
-                ],
-                num_computed_tokens=computed,
-                block_tables=[r.block_table for r in batch],
-                sample=[True] * len(batch),
-                spec_token_ids=[[] for _ in batch],
-            )
-            logits = self.draft_runner.forward(
-                out, [r.token_ids + d for r, d in zip(batch, drafts, strict=True)]
-            )
-            for d, t in zip(drafts, torch.argmax(logits, dim=-1).tolist(), strict=True):
-                d.append(t)
-        for r, d in zip(batch, drafts, strict=True):
-            r.spec_token_ids = d
-            # KV now holds the known tokens and drafts d[0..k-2] (d[k-1] was never fed back).
-            self.spec.draft_wrote(r, r.num_tokens + k - 1)
+    def _fail(self, req: Request, message: str) -> RequestOutput:
+        """End ``req`` with finish_reason "error" (its blocks freed) and say why."""
+        logger.warning("request %s failed: %s", req.request_id, message)
+        self.scheduler.abort(req, "error")
+        self._forget(req.request_id)
+        return RequestOutput(
+            request_id=req.request_id,
+            new_token_ids=[],
+            new_text="",
+            finished=True,
+            finish_reason="error",
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_output_tokens=req.num_output_tokens,
+            num_cached_tokens=req.num_cached_tokens,
+            error=message,
+        )
+
+    def _forget(self, request_id: str) -> None:
+        self.requests.pop(request_id, None)
+        self.detoks.pop(request_id, None)
+        self.sampler.forget(request_id)
+        self.structured.forget(request_id)
+        if self.spec is not None:
+            self.spec.forget(request_id)
+
+    def _grammar_masks(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+        """Sampler logits processor: grammar masks on the constrained rows (in place)."""
+        if self.structured.active:
+            return self.structured.apply(logits, [r.request_id for r in reqs])
+        return logits
 
     def _grammar_accept(self, req: Request, kept: list[int]) -> None:
         """Feed the request's accepted tokens to its grammar; a grammar that can take nothing more
         (only EOS) ends the request with "stop" (also under ignore_eos / min_tokens)."""
         if self.structured.accept(req.request_id, kept) and not req.is_finished:
-            self.scheduler.finish(req, "stop")
-            self.scheduler._remove_finished(req)
+            self.scheduler.abort(req, "stop")
 
     def _output(self, req: Request, new: list[int], lps) -> RequestOutput:
         detok = self.detoks[req.request_id]
         text, hit_stop = detok.add(new, req.is_finished)
         if hit_stop and not req.is_finished:
-            self.scheduler.finish(req, "stop")
-            self.scheduler._remove_finished(req)
+            self.scheduler.abort(req, "stop")
         elif req.is_finished and not hit_stop:
             text += detok.flush()
         if req.is_finished:
-            self.requests.pop(req.request_id, None)
-            self.detoks.pop(req.request_id, None)
-            self.sampler.forget(req.request_id)
-            self.structured.forget(req.request_id)
-            if self.spec is not None:
-                self.spec.forget(req.request_id)
+            self._forget(req.request_id)
         return RequestOutput(
             request_id=req.request_id,
             new_token_ids=new,

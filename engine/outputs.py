@@ -25,6 +25,23 @@ class SchedulerOutput:
 
 
 @dataclass
+class RunnerOutput:
+    """Model runner -> engine, one step. Aligned with the step's scheduled requests."""
+
+    req_ids: list[str]
+    sampled_token_ids: list[list[int]]  # accepted drafts then one sampled token; [] = no token
+    logprobs: list[list[TokenLogprob] | None]
+    num_draft_tokens: list[int]  # drafts verified this step
+    num_rejected: list[int]  # of those, rejected (their KV is rolled back)
+    errors: dict[int, str] = field(default_factory=dict)  # request index -> why it failed
+
+    @classmethod
+    def empty(cls, req_ids: list[str]) -> RunnerOutput:
+        n = len(req_ids)
+        return cls(list(req_ids), [[] for _ in range(n)], [None] * n, [0] * n, [0] * n)
+
+
+@dataclass
 class TokenLogprob:
     token_id: int
     logprob: float

@@ -180,7 +180,9 @@ class Scheduler:
         self.bm.free(req)
         self._finished_since_last.append(req.request_id)
 
-    def abort(self, req: Request) -> None:
+    def abort(self, req: Request, reason: str = "abort") -> None:
+        """Finish ``req`` now (abort, a stop string, a grammar's end, an error) and free its
+        blocks; a request that already finished keeps its reason."""
         if not req.is_finished:
-            self.finish(req, "abort")
+            self.finish(req, reason)
         self._remove_finished(req)

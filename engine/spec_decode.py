@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from engine.outputs import SchedulerOutput
 from engine.sequence import Request
 
 
@@ -85,12 +86,7 @@ def verify(
     """Return the accepted drafts followed by one token from the target (1..k+1 tokens)."""
     out: list[int] = []
     if probs_fn is None:
-        target = torch.argmax(logits, dim=-1).tolist()
-        for j, x in enumerate(drafts):
-            if target[j] != x:
-                return out + [target[j]]
-            out.append(x)
-        return out + [target[len(drafts)]]
+        return verify_greedy(torch.argmax(logits, dim=-1).tolist(), drafts)
     # The uniform draw comes from the generator's own device (a CUDA generator cannot fill a CPU
     # tensor); multinomial draws on the probabilities' device, which is the generator's.
     rand_device = generator.device if generator is not None else None
@@ -109,6 +105,16 @@ def verify(
         return out + [y]
     p = probs_fn(logits[len(drafts)])
     return out + [int(torch.multinomial(p, 1, generator=generator))]
+
+
+def verify_greedy(target: list[int], drafts: list[int]) -> list[int]:
+    """``target``: the target's argmax at the last real token and at each draft (k + 1 ids)."""
+    out: list[int] = []
+    for j, x in enumerate(drafts):
+        if target[j] != x:
+            return out + [target[j]]
+        out.append(x)
+    return out + [target[len(drafts)]]
 
 
 @dataclass
@@ -187,3 +193,55 @@ class SpecController:
 
     def forget(self, request_id: str) -> None:
         self.tracks.pop(request_id, None)
+
+
+class DraftProposer:
+    """Sets ``spec_token_ids`` of the running requests that speculate next step: n-gram lookup, or
+    k greedy steps of a draft model over the eligible batch. The draft model shares block ids (and
+    so the block manager) with the target; its KV tensors are its own."""
+
+    def __init__(self, controller: SpecController, block_manager, draft_runner=None) -> None:
+        self.spec = controller
+        self.cfg = controller.cfg
+        self.bm = block_manager
+        self.draft_runner = draft_runner
+
+    def propose(self, running: list[Request], num_waiting: int) -> None:
+        cfg = self.cfg
+        eligible = self.spec.eligible(running, num_waiting)
+        if not eligible:
+            return
+        k = cfg.num_tokens
+        if cfg.method == "ngram":
+            for r in eligible:
+                r.spec_token_ids = ngram_propose(r.token_ids, k, cfg.ngram_max, cfg.ngram_min)
+            return
+        # Slots for the drafts are allocated up front. The first draft step catches the draft's
+        # KV up from what it last saw to the last known token (one chunk).
+        batch = [r for r in eligible if self.bm.allocate(r, 1 + k)]
+        if not batch:  # no free blocks for drafts this step
+            return
+        drafts: list[list[int]] = [[] for _ in batch]
+        computed = [self.spec.draft_valid(r) for r in batch]  # <= num_tokens - 1
+        for j in range(k):
+            if j:
+                computed = [r.num_tokens - 1 + j for r in batch]
+            out = SchedulerOutput(
+                req_ids=[r.request_id for r in batch],
+                num_scheduled_tokens=[
+                    r.num_tokens + j - c for r, c in zip(batch, computed, strict=True)
+                ],
+                num_computed_tokens=computed,
+                block_tables=[r.block_table for r in batch],
+                sample=[True] * len(batch),
+                spec_token_ids=[[] for _ in batch],
+            )
+            logits = self.draft_runner.forward(
+                out, [r.token_ids + d for r, d in zip(batch, drafts, strict=True)]
+            )
+            for d, t in zip(drafts, torch.argmax(logits, dim=-1).tolist(), strict=True):
+                d.append(t)
+        for r, d in zip(batch, drafts, strict=True):
+            r.spec_token_ids = d
+            # KV now holds the known tokens and drafts d[0..k-2] (d[k-1] was never fed back).
+            self.spec.draft_wrote(r, r.num_tokens + k - 1)

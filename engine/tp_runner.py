@@ -32,7 +32,7 @@ from transformers import AutoConfig
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.model_runner import ModelRunner, resolve_device
-from engine.outputs import SchedulerOutput
+from engine.outputs import RunnerOutput, SchedulerOutput
 from engine.tensor_parallel import TPGroup, open_store, plan_heads
 
 logger = logging.getLogger(__name__)
@@ -121,10 +121,18 @@ class TPRunner:
         self.num_steps = 0
         self._closed = False
 
+    @property
+    def sampler(self):
+        return self.runner.sampler
+
     def forward(self, out: SchedulerOutput, token_ids: list[list[int]]) -> torch.Tensor:
         self.group.broadcast_object((out, _windows(out, token_ids)))
         self.num_steps += 1
         return self.runner.forward(out, token_ids)
+
+    def execute_model(self, out: SchedulerOutput, reqs) -> RunnerOutput:
+        token_ids = [r.token_ids + d for r, d in zip(reqs, out.spec_token_ids, strict=True)]
+        return self.sampler.sample_step(self.forward(out, token_ids), out, reqs)
 
     @property
     def comm_s(self) -> float:
@@ -151,10 +159,7 @@ class TPRunner:
 @torch.inference_mode()
 def worker_step(runner: ModelRunner, out: SchedulerOutput, windows: list[tuple[int, list[int]]]):
     """A worker's share of one step: the decoder only (the LM head runs on shard 0)."""
-    input_ids, position_ids, meta, _ = runner.prepare(out, [_Window(s, ids) for s, ids in windows])
-    runner.model.get_decoder()(
-        input_ids=input_ids, position_ids=position_ids, use_cache=False, fleet_meta=meta
-    )
+    runner.forward(out, [_Window(s, ids) for s, ids in windows], compute_logits=False)
 
 
 def share_cores(config: EngineConfig, device: torch.device) -> None:

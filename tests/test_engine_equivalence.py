@@ -27,13 +27,19 @@ def mixed_prompts(seed=0):
     return prompts
 
 
-@pytest.fixture(scope="module", params=["demo-small", "qwen2"])
-def model_path(request, tmp_path_factory):
-    if request.param == "qwen2":
-        from tiny_models import tiny_qwen2
+@pytest.fixture(scope="module")
+def family(request):
+    return request.param
 
-        return tiny_qwen2(tmp_path_factory.mktemp("qwen2") / "m", max_position_embeddings=1024)
-    return resolve_model("demo-small")
+
+@pytest.fixture(scope="module")
+def model_path(family, tmp_path_factory):
+    if family == "demo-small":
+        return resolve_model("demo-small")
+    import tiny_models
+
+    make = getattr(tiny_models, f"tiny_{family}")
+    return make(tmp_path_factory.mktemp(family) / "m", max_position_embeddings=1024)
 
 
 @pytest.fixture(scope="module")
@@ -57,21 +63,31 @@ def reference(model_path):
 
 GREEDY = SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True)
 
+KNOBS = {
+    "default": dict(),  # big budget, prefix caching on
+    "chunked": dict(max_num_batched_tokens=128),  # long prompts span several steps
+    "preempt": dict(num_kv_blocks=60, max_num_batched_tokens=256),  # small pool: preemption
+    "no-cache-no-chunk": dict(
+        enable_prefix_caching=False, enable_chunked_prefill=False, max_num_batched_tokens=1024
+    ),
+}
+# Our own model code (model_impl "fleetlm", the default for these families) on every knob for the
+# demo Llama and Qwen2 (biases); Mistral and Qwen3 (q/k norms, head_dim apart from hidden/heads)
+# on the knobs that reach every attention case; transformers' modules (the fallback for other
+# architectures) on each family too.
+CASES = [
+    *[(f, k, "fleetlm") for f in ("demo-small", "qwen2") for k in KNOBS],
+    *[(f, k, "fleetlm") for f in ("mistral", "qwen3") for k in ("chunked", "preempt")],
+    *[(f, "preempt", "transformers") for f in ("demo-small", "qwen2", "qwen3")],
+    ("demo-small", "chunked", "transformers"),
+]
 
-@pytest.mark.parametrize(
-    "knobs",
-    [
-        dict(),  # default: big budget, prefix caching on
-        dict(max_num_batched_tokens=128),  # chunked prefill: long prompts span several steps
-        dict(num_kv_blocks=60, max_num_batched_tokens=256),  # small pool: forces preemption
-        dict(
-            enable_prefix_caching=False, enable_chunked_prefill=False, max_num_batched_tokens=1024
-        ),
-    ],
-    ids=["default", "chunked", "preempt", "no-cache-no-chunk"],
-)
-def test_greedy_matches_hf_generate(model_path, reference, knobs):
-    eng = LLMEngine(EngineConfig(model=model_path, **knobs))
+
+@pytest.mark.parametrize("family,knob,impl", CASES, indirect=["family"])
+def test_greedy_matches_hf_generate(model_path, reference, knob, impl):
+    knobs = KNOBS[knob]
+    eng = LLMEngine(EngineConfig(model=model_path, model_impl=impl, **knobs))
+    assert eng.runner.own == (impl == "fleetlm")
     prompts = mixed_prompts()
     # Warm the prefix cache with the shared prefix so the batch sees real hits.
     eng.generate([prompts[-1]], GREEDY)
@@ -155,3 +171,80 @@ def test_bad_input_is_refused_and_others_keep_running(prompt, params, field):
 def test_sampling_params_validation_names_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**kwargs)
+
+
+def test_one_requests_failure_ends_it_alone():
+    """A seed torch refuses (set past validation) and a detokenizer that raises end their own
+    requests with finish_reason "error" and a message; the others in the same steps finish."""
+    eng = LLMEngine(EngineConfig(model=resolve_model("demo-small")))
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    bad_seed = SamplingParams(temperature=1.0, max_tokens=6, ignore_eos=True, seed=1)
+    eng.add_request("ok-1", [10, 11, 12], greedy)
+    eng.add_request("seed", [10, 11, 12, 13], bad_seed)
+    bad_seed.seed = 2**80  # past validation: the request's own data breaks its sampling
+    eng.add_request("detok", [20, 21], greedy)
+    eng.add_request("ok-2", list(range(30, 70)), greedy)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("detokenizer broke")
+
+    eng.detoks["detok"].add = broken
+    outs = []
+    while eng.has_unfinished():
+        outs += eng.step()
+    final = {o.request_id: o for o in outs if o.finished}
+    assert final["seed"].finish_reason == "error" and "seed" not in final["seed"].new_token_ids
+    assert "sampling failed" in final["seed"].error
+    assert final["detok"].finish_reason == "error" and "detokenizer broke" in final["detok"].error
+    for rid in ("ok-1", "ok-2"):
+        assert final[rid].finish_reason == "length" and final[rid].num_output_tokens == 6
+    stats = eng.stats()
+    assert stats.num_free_blocks == stats.num_total_blocks and not eng.requests
+
+
+def test_batched_sampler_rules():
+    """Batched rules against their definitions: top-k keeps k tokens, top-p the smallest prefix
+    reaching p, min-p drops below min_p * max; penalties; seeded rows repeat."""
+    from engine.sampler import Sampler
+    from engine.sequence import Request
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    s = Sampler(torch.device("cpu"))
+    ps = [
+        SamplingParams(temperature=1.0, top_k=5),
+        SamplingParams(temperature=0.5, top_p=0.6),
+        SamplingParams(temperature=1.0, min_p=0.2),
+        SamplingParams(temperature=1.0),
+    ]
+    probs = s.probs(logits, ps)
+    assert int((probs[0] > 0).sum()) == 5
+    assert set(probs[0].nonzero().flatten().tolist()) == set(logits[0].topk(5).indices.tolist())
+    p1 = torch.softmax(logits[1] / 0.5, -1)
+    sp, _ = p1.sort(descending=True)
+    keep = int(((sp.cumsum(0) - sp) <= 0.6).sum())
+    assert int((probs[1] > 0).sum()) == keep
+    p2 = torch.softmax(logits[2], -1)
+    assert torch.equal(probs[2] > 0, p2 >= 0.2 * p2.max())
+    torch.testing.assert_close(probs[3], torch.softmax(logits[3], -1))
+    torch.testing.assert_close(probs.sum(-1), torch.ones(4))
+
+    def req(rid, params, tokens):
+        r = Request(rid, tokens[:2], params, 16)
+        r.token_ids = list(tokens)
+        return r
+
+    pen = SamplingParams(temperature=0, repetition_penalty=2.0, frequency_penalty=0.5)
+    r = req("p", pen, [3, 4, 7, 7])  # prompt [3, 4], output [7, 7]
+    row = torch.zeros(1, 50)
+    row[0, 3], row[0, 7], row[0, 9] = 2.0, -1.0, 0.5
+    out = s._apply_penalties(row, [0], [r])
+    assert out[0, 3] == 1.0 and out[0, 7] == -2.0 - 1.0 and out[0, 9] == 0.5
+    # A seeded row draws from its own generator: the same whatever its neighbours and order.
+    flat = torch.zeros(3, 50)
+    batch = [req(f"s{i}", SamplingParams(temperature=1.0, seed=i), [1, 2]) for i in range(3)]
+    batch[1].params.seed = None
+    a, _ = Sampler(torch.device("cpu")).sample(flat.clone(), batch)
+    again = [req(f"t{i}", SamplingParams(temperature=1.0, seed=i), [1, 2]) for i in (2, 0)]
+    b, _ = Sampler(torch.device("cpu"), seed=99).sample(flat[:2].clone(), again)
+    assert [a[2], a[0]] == b

@@ -280,8 +280,9 @@ def test_grouped_model_swap_memory_and_exact_decode(small_model):
     assert not any(isinstance(mod, Int8Linear) for mod in m.modules())
 
 
+@pytest.mark.parametrize("impl", ["fleetlm", "transformers"])
 @pytest.mark.parametrize("quant", ["int8", "int8-w8a8"])
-def test_engine_serves_quantized_model(tmp_path, quant):
+def test_engine_serves_quantized_model(tmp_path, quant, impl):
     from engine.config import EngineConfig
     from engine.llm_engine import LLMEngine
     from engine.sampling_params import SamplingParams
@@ -289,15 +290,16 @@ def test_engine_serves_quantized_model(tmp_path, quant):
     path = resolve_model("demo-small", progress=False)
     sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     prompts = [torch.randint(6, 4096, (n,), generator=gen(28 + n)).tolist() for n in (5, 19)]
-    eq = LLMEngine(EngineConfig(model=path, quantization=quant, num_kv_blocks=16))
+    eq = LLMEngine(EngineConfig(model=path, quantization=quant, num_kv_blocks=16, model_impl=impl))
     layers = [m for m in eq.runner.model.modules() if isinstance(m, Int8Linear)]
-    assert len(layers) == 2 * 7
+    # Per layer: our code merges q/k/v and gate/up (4 linears); transformers' modules have 7.
+    assert len(layers) == 2 * (4 if impl == "fleetlm" else 7)
     assert all(m.dynamic_activations == (quant == "int8-w8a8") for m in layers)
     out = eq.generate(prompts, sp)
     assert [len(r.token_ids) for r in out] == [8, 8]
     if quant == "int8":
         # The fp32 engine holding the dequantized weights serves the same greedy tokens.
-        ef = LLMEngine(EngineConfig(model=path, num_kv_blocks=16))
+        ef = LLMEngine(EngineConfig(model=path, num_kv_blocks=16, model_impl=impl))
         with torch.no_grad():
             for name, mod in eq.runner.model.named_modules():
                 if isinstance(mod, Int8Linear):

@@ -1,5 +1,6 @@
-"""Tiny random HF model folders (Llama, Qwen2, Mistral) for tests: config + safetensors weights + a
-copy of the demo tokenizer (vocab 4096), loadable with AutoModelForCausalLM / AutoTokenizer.
+"""Tiny random HF model folders (Llama, Qwen2, Mistral, Qwen3) for tests: config + safetensors
+weights + a copy of the demo tokenizer (vocab 4096), loadable with AutoModelForCausalLM /
+AutoTokenizer.
 
     from tiny_models import tiny_qwen2      # tests/ is on sys.path under pytest
     path = tiny_qwen2(tmp_path / "qwen2")   # -> str
@@ -39,13 +40,20 @@ ARCH_EXTRAS: dict[str, dict[str, Any]] = {
     "llama": {},
     "qwen2": {"use_sliding_window": False},
     "mistral": {"sliding_window": None},
+    # q/k RMSNorm per head; head_dim set apart from hidden_size / heads, as Qwen3's configs do.
+    "qwen3": {"use_sliding_window": False, "head_dim": 32},
 }
 
 
 def config_class(arch: str):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-    classes = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}
+    classes = {
+        "llama": LlamaConfig,
+        "qwen2": Qwen2Config,
+        "mistral": MistralConfig,
+        "qwen3": Qwen3Config,
+    }
     if arch not in classes:
         raise ValueError(f"arch must be one of {sorted(classes)}, got {arch!r}")
     return classes[arch]
@@ -91,3 +99,7 @@ def tiny_qwen2(path: str | Path, **overrides: Any) -> str:
 
 def tiny_mistral(path: str | Path, **overrides: Any) -> str:
     return write_tiny_model(path, "mistral", **overrides)
+
+
+def tiny_qwen3(path: str | Path, **overrides: Any) -> str:
+    return write_tiny_model(path, "qwen3", **overrides)

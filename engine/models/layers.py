@@ -1,0 +1,79 @@
+"""Building blocks of our model code: flat ``[num_tokens, hidden]`` tensors throughout."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """y = w * x / sqrt(mean(x^2) + eps), computed in float32 (as transformers' LlamaRMSNorm).
+
+    ``forward(x, residual)`` fuses the residual add of a pre-norm block: it returns
+    ``(norm(x + residual), x + residual)``; with ``residual=None`` it returns ``(norm(x), x)``."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+        self.eps = eps
+
+    def norm(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        h = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps)
+        return self.weight * h.to(x.dtype)
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is not None:
+            x = x + residual
+        return self.norm(x), x
+
+
+class RotaryTable(nn.Module):
+    """cos/sin of every position up to ``max_positions``, computed once by transformers' own rotary
+    class for this config (so every static rope type it knows, llama3/linear/yarn scaling included,
+    gives its exact numbers), then indexed by position each step.
+
+    Half-split form: for x = [x1, x2] (halves of the head dim),
+    rotate(x) = [x1*c - x2*s, x2*c + x1*s] with c, s the first halves of transformers' cos/sin,
+    which is q*cos + rotate_half(q)*sin."""
+
+    def __init__(self, hf_config, max_positions: int, device: torch.device, dtype: torch.dtype):
+        super().__init__()
+        self.hf_config = hf_config
+        self.register_buffer("cos", torch.empty(0, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("sin", torch.empty(0, device=device, dtype=dtype), persistent=False)
+        self.ensure(max_positions)
+
+    def ensure(self, num_positions: int) -> None:
+        """Make the table cover positions [0, num_positions) (a draft model may be asked past its
+        max_position_embeddings; transformers computes any position on the fly)."""
+        if num_positions <= self.cos.shape[0]:
+            return
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+        n = max(num_positions, 2 * self.cos.shape[0])
+        rope = LlamaRotaryEmbedding(self.hf_config)
+        cos, sin = rope(torch.zeros(1, dtype=torch.float32), torch.arange(n).unsqueeze(0))
+        half = cos.shape[-1] // 2  # [1, n, D] float32 -> first halves
+        self.cos = cos[0, :, :half].to(self.cos.device, self.cos.dtype)
+        self.sin = sin[0, :, :half].to(self.sin.device, self.sin.dtype)
+
+    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T] -> cos, sin [T, 1, D/2] (broadcast over heads)."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, D] -> rotated copy; cos/sin [T, 1, D/2]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x = [gate, up] along the last dim -> silu(gate) * up."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
