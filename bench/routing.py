@@ -628,7 +628,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--eviction",
-        default="lru",
+        default="slru",
         choices=["lru", "slru"],
         help="W2 replicas' prefix-cache eviction (engine prefix_cache_eviction)",
     )

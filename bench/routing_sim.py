@@ -66,7 +66,7 @@ class _Clock:
 
 
 class _Replica:
-    def __init__(self, rid: str, kv_blocks: int, eviction: str = "lru") -> None:
+    def __init__(self, rid: str, kv_blocks: int, eviction: str) -> None:
         self.rid = rid
         self.kv_blocks = kv_blocks
         self.bm = BlockManager(kv_blocks, BLOCK_SIZE, eviction=eviction)
@@ -301,7 +301,7 @@ def simulate(
     question_len: int = 64,
     output_len: int = 64,
     concurrency: int = 16,
-    eviction: str = "lru",
+    eviction: str = "slru",
     **policy_params: Any,
 ) -> dict[str, Any]:
     """W2 with a closed loop of ``concurrency`` requests (module docstring)."""
@@ -396,7 +396,7 @@ def simulate_w6(
     step_s: float = 0.02,
     token_s: float = 0.0006,
     timeout_s: float = 60.0,
-    eviction: str = "lru",
+    eviction: str = "slru",
     shift: bool = False,
     **policy_params: Any,
 ) -> dict[str, Any]:
@@ -441,6 +441,12 @@ def simulate_w6(
                 "second_half_hit_rate": sum(sim.cached[r] for r in rids[half:])
                 / ((len(rids) - half) * w6.prompt_len),
                 "ideal_hit_rate": ideal[k],
+                # in arrival order, tenths of the step's requests (the shift is at the middle)
+                "hit_rate_tenths": [
+                    sum(sim.cached[r] for r in part) / (len(part) * w6.prompt_len)
+                    for part in np.array_split(np.array(rids), 10)
+                    if len(part)
+                ],
                 "duration_s": end - start,
             }
         )
@@ -559,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--eviction",
         nargs="+",
-        default=["lru"],
+        default=["slru"],
         choices=["lru", "slru"],
         help="the replicas' prefix-cache eviction (EngineConfig.prefix_cache_eviction)",
     )

@@ -22,7 +22,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     # lru: free cached blocks are evicted least recently freed first; slru: blocks that never
     # served a prefix-cache hit go first (a finished request's own tail before shared prefixes).
-    prefix_cache_eviction: Literal["lru", "slru"] = "lru"
+    # slru by default: higher hit rates on W2 (simulated and served) and W6 (simulated); after a
+    # shift to new tenants it falls below lru only briefly (BENCHMARKS.md, routing).
+    prefix_cache_eviction: Literal["lru", "slru"] = "slru"
     enable_chunked_prefill: bool = True
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads on CPU; None leaves torch's default
