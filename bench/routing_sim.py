@@ -49,6 +49,7 @@ from engine.outputs import EngineStats
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Request
+from router.prefix_index import DEFAULT_ASSUMED_TTL_S
 from router.registry import make_policy
 from router.replica_stats import ReplicaCacheTracker
 from router.router_state import RouterState
@@ -290,7 +291,7 @@ def simulate(
     kv_blocks: int = 372,
     replicas: int = 2,
     seed: int = 0,
-    assumed_ttl_s: float = 30.0,
+    assumed_ttl_s: float = DEFAULT_ASSUMED_TTL_S,
     stats_period_s: float = 1.0,
     stats_lag_s: float = 0.3,
     step_s: float = 0.02,
@@ -390,7 +391,7 @@ def simulate_w6(
     policy: str,
     w6: W6,
     replicas: int = 2,
-    assumed_ttl_s: float = 30.0,
+    assumed_ttl_s: float = DEFAULT_ASSUMED_TTL_S,
     stats_period_s: float = 1.0,
     stats_lag_s: float = 0.3,
     step_s: float = 0.02,
@@ -524,6 +525,7 @@ def _w6_main(a: argparse.Namespace) -> None:
                     name.split()[0],
                     W6(**{**w6.__dict__, "seed": s}),
                     replicas=n,
+                    assumed_ttl_s=a.assumed_ttl_s,
                     eviction=ev,
                     shift=a.shift,
                     **params,
@@ -560,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
         default=[32],
         help="prefix_aware imbalance (W6: also Ray's imbalanced_threshold, one row each)",
     )
-    p.add_argument("--assumed-ttl-s", type=float, default=30.0)
+    p.add_argument("--assumed-ttl-s", type=float, default=DEFAULT_ASSUMED_TTL_S)
     p.add_argument("--seeds", type=int, default=8)
     p.add_argument(
         "--eviction",

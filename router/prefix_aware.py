@@ -7,7 +7,7 @@
 #     match(r) = largest k such that h[0..k) are all in r's index: the block hashes r last
 #                reported as cached, plus hashes this router assumed r stored because it sent r a
 #                prompt holding them less than assumed_ttl_s ago, even if r has since reported
-#                them evicted (router/prefix_index.py; default 30 s).
+#                them evicted (router/prefix_index.py; default 120 s).
 #     load(r)  = requests queued or running on r: other routers' (r's last reported num_waiting +
 #                num_running, less this router's own outstanding there when the report arrived)
 #                plus this router's own outstanding on r now (router/router_state.py).
