@@ -1,5 +1,6 @@
-"""Bad input, limits, per-key rate limits and a short schemathesis pass against the served app:
-real Ray Serve (the session instance), real HTTP through Serve's proxy, one demo-small replica.
+"""Bad input, limits, per-key rate limits, a short schemathesis pass, a disconnect storm and a
+replica killed mid-stream, against the served app: real Ray Serve (the session instance), real
+HTTP through Serve's proxy, two demo-small replicas.
 
 The rule these tests hold the server to: an error in one request's data ends that request with a
 4xx OpenAI error object naming the field, and every other request on that replica completes.
@@ -38,7 +39,7 @@ def api(ray_session):
                 {
                     "name": MODEL,
                     "model": "demo-small",
-                    "num_replicas": 1,
+                    "num_replicas": 2,  # one is killed by the last test
                     "engine": {
                         "num_kv_blocks": 64,
                         "max_num_seqs": 8,
@@ -240,3 +241,109 @@ def test_openapi_is_served_and_a_short_schemathesis_pass_finds_nothing(api):
     assert res.non_openai_errors == 0 and res.leaks == 0, res.to_dict()
     assert res.check_failures == 0 and res.harness_errors == 0, res.to_dict()
     assert res.by_status.get(400) and res.by_status.get(200), res.to_dict()
+
+
+# -- faults (short versions of bench/reliability.py's scenarios) -------------------------------
+def replica_stats() -> dict[str, dict]:
+    """record_routing_stats() of each LLMServer replica of this app, by replica id."""
+    import ray
+
+    from bench.reliability import actors, replica_prefix
+
+    out = {}
+    for a in actors(replica_prefix(APP, f"LLMServer-{MODEL}")):
+        h = ray.get_actor(a["name"], namespace="serve")
+        out[a["name"].rsplit("#", 1)[1]] = {**ray.get(h.record_routing_stats.remote()), **a}
+    return out
+
+
+def wait_idle(deadline_s: float) -> dict[str, dict]:
+    deadline = time.monotonic() + deadline_s
+    while True:
+        stats = replica_stats()
+        idle = all(
+            s["num_running"] == 0
+            and s["num_waiting"] == 0
+            and s["num_free_blocks"] == s["num_total_blocks"]
+            for s in stats.values()
+        )
+        if idle or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.3)
+
+
+def test_a_disconnect_storm_leaves_no_request_or_block_behind(api):
+    from bench.reliability_load import streaming_load
+
+    outcomes = asyncio.run(
+        streaming_load(api, MODEL, auth(), 60, 30, 200, limit_s=120, hang_up=(1, 12), seed=3)
+    )
+    assert all(o.kind == "completed" for o in outcomes), [o.detail for o in outcomes][:5]
+    stats = wait_idle(30)
+    for s in stats.values():
+        assert s["num_running"] == 0 and s["num_waiting"] == 0, s
+        assert s["num_free_blocks"] == s["num_total_blocks"], s
+
+
+def test_a_replica_killed_mid_stream_ends_its_streams_with_an_error_event(api):
+    """SIGKILL of one replica: its streams end with an SSE error event within 2 s, the other
+    replica's streams complete and leak no blocks. Runs last: it kills a replica of the app."""
+    import os
+    import signal
+
+    from bench.reliability_load import stream_request
+
+    async def main():
+        async with httpx.AsyncClient(timeout=60) as http:
+
+            async def one(i):
+                body = {
+                    "model": MODEL,
+                    "prompt": [100 + i, 9, 8, 7],
+                    "max_tokens": 240,
+                    "ignore_eos": True,
+                    "stream": True,
+                }
+                return await stream_request(http, api + "/v1/completions", body, auth(), limit_s=60)
+
+            tasks = [asyncio.create_task(one(i)) for i in range(8)]
+            deadline = time.monotonic() + 30
+            while True:  # kill a replica while it streams
+                stats = await asyncio.to_thread(replica_stats)
+                busy = [k for k, v in stats.items() if v["num_running"] > 0]
+                if busy:
+                    break
+                assert time.monotonic() < deadline, stats
+                await asyncio.sleep(0.05)
+            victim_id = busy[0]
+            survivor_id = next(k for k in stats if k != victim_id)
+            both_busy = len(busy) == 2
+            t_kill = time.monotonic()
+            os.kill(stats[victim_id]["pid"], signal.SIGKILL)
+            return await asyncio.gather(*tasks), t_kill, survivor_id, both_busy
+
+    outcomes, t_kill, survivor_id, both_busy = asyncio.run(main())
+    kinds = [o.kind for o in outcomes]
+    assert "lost" not in kinds, [o.detail for o in outcomes]
+    assert kinds.count("clean_error") >= 1, kinds
+    if both_busy:  # the other replica's streams were running at the kill: they complete
+        assert kinds.count("completed") >= 1, kinds
+    for o in outcomes:
+        if o.kind == "clean_error":
+            assert o.ended - t_kill < 2.0, f"error event {o.ended - t_kill:.1f}s after the kill"
+    deadline = time.monotonic() + 30
+    while True:  # the survivor finishes its streams and frees every block
+        s = replica_stats_of(survivor_id)
+        if s["num_running"] == 0 and s["num_free_blocks"] == s["num_total_blocks"]:
+            break
+        assert time.monotonic() < deadline, s
+        time.sleep(0.3)
+
+
+def replica_stats_of(replica_id: str) -> dict:
+    import ray
+
+    from bench.reliability import replica_prefix
+
+    name = replica_prefix(APP, f"LLMServer-{MODEL}") + replica_id
+    return ray.get(ray.get_actor(name, namespace="serve").record_routing_stats.remote())

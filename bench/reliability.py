@@ -1,0 +1,502 @@
+"""Reliability scenarios on a real local Ray Serve: fuzzing, injected faults under streaming load,
+overload, a disconnect storm and a short soak; the figures of RELIABILITY.md.
+
+    flock /tmp/fleetlm-bench.lock .venv/bin/python -m bench.reliability --json rel.json
+    ... --only fuzz,replica_kill --fuzz-cases 2000 --streams 16
+
+Writes ``{"fuzz": {cases, server_errors, non_openai_errors, hangs}, "faults": {NAME: {completed,
+clean_errors, lost, recovery_s}}, "overload": {sent, completed, rejected_429, other_errors,
+admitted_p99_ttft_ms}, "disconnects": {clients, leaked_blocks}, "soak": {duration_s, requests,
+errors, max_rss_growth_pct}}`` (plus details per section). Each request's outcome is completed,
+clean error (an OpenAI error object, as the response or as an SSE error event) or lost (dropped or
+hung): see bench/reliability_load.py.
+
+Faults: ``replica_kill`` (SIGKILL of a model replica mid-stream; its streams must end with an error
+event within 2 s, the others complete, Serve replaces it, survivors leak no KV blocks),
+``tp_worker_kill`` (SIGKILL of a tensor-parallel worker of a TP=2 replica), ``ingress_kill``
+(SIGKILL of the ingress replica), ``node_loss`` (a second Ray node started on this machine with
+``ray start --address``, holding a replica, stopped), ``policy_scale_down`` (a live policy edit
+that scales an autoscaled model from 2 replicas to 1 under load). ``fleetlm down`` / SIGTERM of
+``fleetlm up`` with streams in flight: bench/reliability_cli.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.reliability_load import percentile, streaming_load, tally
+
+KEY = "reliability-key"
+MODEL = "tiny"
+HEADERS = {"Authorization": f"Bearer {KEY}"}
+ENGINE = {"num_kv_blocks": 128, "max_num_seqs": 8, "max_model_len": 512, "num_threads": 1}
+
+
+# -- Ray glue -------------------------------------------------------------------------------------
+def start_ray(num_cpus: int) -> str:
+    import ray
+    from ray import serve
+
+    from cluster.ray_runtime import free_port
+
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return f"http://127.0.0.1:{port}"
+
+
+def cluster_config(replicas: int | None = 2, autoscaling: dict | None = None, **model: Any):
+    from cluster.config import ClusterConfig
+
+    m: dict[str, Any] = {
+        "name": MODEL,
+        "model": "demo-small",
+        "engine": dict(ENGINE),
+        "max_queued_requests": 8,
+        "resources_per_replica": {"num_cpus": 1},
+        "caches": {"exact": {"enabled": False}},
+        **model,
+    }
+    if autoscaling is not None:
+        m["autoscaling"] = autoscaling
+    else:
+        m["num_replicas"] = replicas
+    return ClusterConfig.model_validate(
+        {"models": [m], "api_keys": [{"sha256": hashlib.sha256(KEY.encode()).hexdigest()}]}
+    )
+
+
+def deploy(root: str, app: Any, name: str) -> str:
+    from ray import serve
+
+    serve.run(app, name=name, route_prefix=f"/{name}")
+    base = f"{root}/{name}"
+    wait_ok(base, 120)
+    return base
+
+
+def wait_ok(base: str, timeout_s: float) -> float:
+    """Seconds until a tiny completion succeeds."""
+    t0 = time.monotonic()
+    body = {"model": MODEL, "prompt": "ok", "max_tokens": 1}
+    while True:
+        try:
+            r = httpx.post(base + "/v1/completions", json=body, headers=HEADERS, timeout=10)
+            if r.status_code == 200:
+                return time.monotonic() - t0
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() - t0 > timeout_s:
+            raise TimeoutError(f"{base} not answering after {timeout_s:.0f}s")
+        time.sleep(0.25)
+
+
+def actors(prefix: str) -> list[dict[str, Any]]:
+    """Alive actors whose name starts with ``prefix``: name, pid, node id."""
+    from ray._private.state import actors as actor_table
+
+    out = []
+    for info in actor_table().values():
+        if info["State"] == "ALIVE" and info["Name"].startswith(prefix):
+            out.append(
+                {"name": info["Name"], "pid": info["Pid"], "node": info["Address"]["NodeID"]}
+            )
+    return out
+
+
+def replica_prefix(app: str, deployment: str) -> str:
+    return f"SERVE_REPLICA::{app}#{deployment}#"
+
+
+def routing_stats(app: str, deployment: str) -> dict[str, dict]:
+    import ray
+
+    out = {}
+    for a in actors(replica_prefix(app, deployment)):
+        h = ray.get_actor(a["name"], namespace="serve")
+        out[a["name"]] = ray.get(h.record_routing_stats.remote(), timeout=30)
+    return out
+
+
+def running_replicas(app: str, deployment: str) -> int:
+    from ray import serve
+
+    st = serve.status().applications.get(app)
+    if st is None or deployment not in st.deployments:
+        return 0
+    states = st.deployments[deployment].replica_states
+    return sum(v for k, v in states.items() if str(getattr(k, "value", k)) == "RUNNING")
+
+
+def wait_recovered(base: str, app: str, deployment: str, replicas: int, t0: float) -> float:
+    """Seconds from ``t0`` until the deployment runs ``replicas`` again and answers."""
+    deadline = time.monotonic() + 180
+    while running_replicas(app, deployment) < replicas:
+        if time.monotonic() > deadline:
+            return float("nan")
+        time.sleep(0.25)
+    wait_ok(base, 120)
+    return time.monotonic() - t0
+
+
+def leaked_blocks(app: str, deployment: str, settle_s: float = 30.0) -> int:
+    """KV blocks still held once every replica is idle (cached prefixes count as free)."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        stats = routing_stats(app, deployment)
+        busy = sum(s["num_running"] + s["num_waiting"] for s in stats.values())
+        leaked = sum(s["num_total_blocks"] - s["num_free_blocks"] for s in stats.values())
+        if (busy == 0 and leaked == 0) or time.monotonic() > deadline:
+            return leaked
+        time.sleep(0.5)
+
+
+def rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return 0.0
+
+
+# -- scenarios ------------------------------------------------------------------------------------
+def kill_during_load(
+    base: str, victim_pid_fn: Any, streams: int, max_tokens: int, kill_after_s: float = 2.0
+) -> tuple[list, float]:
+    """Run streaming load; SIGKILL ``victim_pid_fn()`` after ``kill_after_s``. Returns the
+    outcomes and the monotonic time of the kill."""
+
+    async def main():
+        load = asyncio.create_task(
+            streaming_load(base, MODEL, HEADERS, streams, streams, max_tokens, limit_s=120)
+        )
+        await asyncio.sleep(kill_after_s)
+        pid = await asyncio.to_thread(victim_pid_fn)
+        t_kill = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        return await load, t_kill
+
+    return asyncio.run(main())
+
+
+def fault_row(outcomes: list, t_kill: float, recovery_s: float, **extra: Any) -> dict[str, Any]:
+    t = tally(outcomes)
+    errs = [o.ended - t_kill for o in outcomes if o.kind == "clean_error"]
+    return {
+        "completed": t.completed,
+        "clean_errors": t.clean_errors,
+        "lost": t.lost,
+        "recovery_s": round(recovery_s, 2),
+        "max_error_after_kill_s": round(max(errs), 2) if errs else None,
+        **extra,
+        "details": t.to_dict(),
+    }
+
+
+def replica_kill(root: str, args: argparse.Namespace) -> dict[str, Any]:
+    from deployments.app import build_app, server_name
+
+    app, dep = "rel-kill", server_name(MODEL)
+    base = deploy(root, build_app(cluster_config(2)), app)
+    victim: dict[str, Any] = {}
+
+    def pick() -> int:
+        a = actors(replica_prefix(app, dep))[0]
+        victim.update(a)
+        return a["pid"]
+
+    outcomes, t_kill = kill_during_load(base, pick, args.streams, args.max_tokens)
+    recovery = wait_recovered(base, app, dep, 2, t_kill)
+    survivors = {
+        k: v for k, v in routing_stats(app, dep).items() if not k.startswith(victim["name"])
+    }
+    leaked = leaked_blocks(app, dep)
+    _delete(app)
+    return fault_row(outcomes, t_kill, recovery, leaked_blocks=leaked, replicas=len(survivors))
+
+
+def ingress_kill(root: str, args: argparse.Namespace) -> dict[str, Any]:
+    from deployments.app import INGRESS_NAME, build_app, server_name
+
+    app = "rel-ingress"
+    base = deploy(root, build_app(cluster_config(1)), app)
+
+    def pick() -> int:
+        return actors(replica_prefix(app, INGRESS_NAME))[0]["pid"]
+
+    outcomes, t_kill = kill_during_load(base, pick, args.streams, args.max_tokens)
+    recovery = wait_recovered(base, app, INGRESS_NAME, 1, t_kill)
+    leaked = leaked_blocks(app, server_name(MODEL))
+    _delete(app)
+    return fault_row(outcomes, t_kill, recovery, leaked_blocks=leaked)
+
+
+def tp_worker_kill(root: str, args: argparse.Namespace) -> dict[str, Any]:
+    from deployments.app import build_app, server_name
+    from deployments.tp_worker import WORKER_NAME_PREFIX
+
+    app, dep = "rel-tp", server_name(MODEL)
+    cfg = cluster_config(1, tensor_parallel_size=2, resources_per_replica={"num_cpus": 2})
+    base = deploy(root, build_app(cfg), app)
+
+    def pick() -> int:
+        return actors(WORKER_NAME_PREFIX)[0]["pid"]
+
+    outcomes, t_kill = kill_during_load(base, pick, args.streams, args.max_tokens)
+    recovery = wait_recovered(base, app, dep, 1, t_kill)
+    leaked = leaked_blocks(app, dep)
+    _delete(app)
+    return fault_row(outcomes, t_kill, recovery, leaked_blocks=leaked)
+
+
+def node_loss(root: str, args: argparse.Namespace) -> dict[str, Any]:
+    """A second Ray node on this machine holds one of two replicas; it is stopped mid-stream."""
+    import ray
+
+    from deployments.app import build_app, server_name
+
+    gcs = ray.get_runtime_context().gcs_address
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    worker = subprocess.Popen(
+        [str(Path(sys.executable).with_name("ray")), "start", f"--address={gcs}", "--num-cpus=2",
+         "--block", "--disable-usage-stats"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 90
+        while len([n for n in ray.nodes() if n["Alive"]]) < 2:
+            if time.monotonic() > deadline or worker.poll() is not None:
+                return {"completed": 0, "clean_errors": 0, "lost": 0, "recovery_s": None,
+                        "skipped": "the second Ray node did not join"}  # fmt: skip
+            time.sleep(0.5)
+        worker_node = next(
+            n["NodeID"] for n in ray.nodes() if n["Alive"] and not n.get("Resources", {}).get(
+                "node:__internal_head__")
+        )  # fmt: skip
+        app, dep = "rel-node", server_name(MODEL)
+        base = deploy(root, build_app(cluster_config(2)), app)
+        placed = [a["node"] for a in actors(replica_prefix(app, dep))]
+        if worker_node not in placed:
+            _delete(app)
+            return {"completed": 0, "clean_errors": 0, "lost": 0, "recovery_s": None,
+                    "skipped": "Serve placed no replica on the second node"}  # fmt: skip
+
+        async def main():
+            load = asyncio.create_task(
+                streaming_load(base, MODEL, HEADERS, args.streams, args.streams, args.max_tokens)
+            )
+            await asyncio.sleep(2.0)
+            t_kill = time.monotonic()
+            # SIGKILL to the node's whole process group (raylet, workers, the replica): the
+            # node vanishes as a crashed machine would, without draining.
+            os.killpg(worker.pid, signal.SIGKILL)
+            return await load, t_kill
+
+        outcomes, t_kill = asyncio.run(main())
+        recovery = wait_recovered(base, app, dep, 2, t_kill)
+        leaked = leaked_blocks(app, dep)
+        _delete(app)
+        return fault_row(outcomes, t_kill, recovery, leaked_blocks=leaked)
+    finally:
+        if worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGKILL)
+
+
+def policy_scale_down(root: str, args: argparse.Namespace) -> dict[str, Any]:
+    """An autoscaled model at 2 replicas; under load a live policy edit caps it at 1: the
+    scale-down drains, nothing fails."""
+    from autoscaling.policy_file import Policy
+    from deployments.app import build_app, server_name
+    from deployments.autoscaling_policy import put_policy
+
+    app, dep = "rel-policy", server_name(MODEL)
+    put_policy(Policy.from_dict({"default": {"min_replicas": 2, "max_replicas": 2}}), "bench")
+    cfg = cluster_config(None, {"min_replicas": 1, "max_replicas": 2, "initial_replicas": 2})
+    base = deploy(root, build_app(cfg), app)
+
+    async def main():
+        load = asyncio.create_task(
+            streaming_load(
+                base, MODEL, HEADERS, args.streams * 3, args.streams, args.max_tokens,
+                spacing_s=0.2,
+            )
+        )  # fmt: skip
+        await asyncio.sleep(2.0)
+        t_edit = time.monotonic()
+        policy = {
+            "default": {
+                "min_replicas": 1,
+                "max_replicas": 1,
+                "scale_down_window_s": 0.5,
+                "scale_down_cooldown_s": 0.0,
+            }
+        }
+        await asyncio.to_thread(put_policy, Policy.from_dict(policy), "bench: live edit")
+        return await load, t_edit
+
+    outcomes, t_edit = asyncio.run(main())
+    deadline = time.monotonic() + 120
+    while running_replicas(app, dep) > 1 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    scaled = time.monotonic() - t_edit
+    leaked = leaked_blocks(app, dep)
+    _delete(app)
+    row = fault_row(outcomes, t_edit, scaled, leaked_blocks=leaked)
+    row["replicas_after"] = 1 if scaled < 120 else 2
+    return row
+
+
+def overload(root: str, args: argparse.Namespace) -> dict[str, Any]:
+    """A burst at 10x what the replicas run plus queue: admitted ones complete, the rest 429."""
+    from deployments.app import INGRESS_NAME, build_app, server_name
+
+    app, dep = "rel-overload", server_name(MODEL)
+    base = deploy(root, build_app(cluster_config(2)), app)
+    capacity = 2 * (ENGINE["max_num_seqs"] + 8)
+    sent = 10 * capacity
+    pids = [a["pid"] for a in actors(replica_prefix(app, dep))]
+    pids += [a["pid"] for a in actors(replica_prefix(app, INGRESS_NAME))]
+    rss0 = {p: rss_mb(p) for p in pids}
+    outcomes = asyncio.run(
+        streaming_load(base, MODEL, HEADERS, sent, sent, args.max_tokens // 2, limit_s=300)
+    )
+    rss1 = {p: rss_mb(p) for p in pids}
+    ttfts = [o.first_token_s for o in outcomes if o.kind == "completed" and o.first_token_s]
+    rejected = sum(1 for o in outcomes if o.status == 429)
+    retry_after_ok = all(o.status != 429 or o.kind == "clean_error" for o in outcomes)
+    completed = sum(1 for o in outcomes if o.kind == "completed")
+    leaked = leaked_blocks(app, dep)
+    _delete(app)
+    p99 = percentile(ttfts, 0.99)
+    return {
+        "sent": sent,
+        "completed": completed,
+        "rejected_429": rejected,
+        "other_errors": sent - completed - rejected,
+        "admitted_p99_ttft_ms": round(p99 * 1000, 1) if p99 is not None else None,
+        "capacity": capacity,
+        "rejections_are_error_objects": retry_after_ok,
+        "max_rss_growth_mb": round(max(rss1[p] - rss0[p] for p in pids), 1),
+        "leaked_blocks": leaked,
+    }
+
+
+def disconnects(root: str, args: argparse.Namespace) -> dict[str, Any]:
+    """``clients`` streams that hang up after a random number of chunks (0..20)."""
+    from deployments.app import build_app, server_name
+
+    app, dep = "rel-disconnect", server_name(MODEL)
+    base = deploy(root, build_app(cluster_config(2, max_queued_requests=64)), app)
+    outcomes = asyncio.run(
+        streaming_load(
+            base, MODEL, HEADERS, args.clients, min(args.clients, 128), 200, limit_s=300,
+            hang_up=(1, 20), seed=7,
+        )
+    )  # fmt: skip
+    t0 = time.monotonic()
+    leaked = leaked_blocks(app, dep, settle_s=60)
+    stats = routing_stats(app, dep)
+    _delete(app)
+    t = tally(outcomes)
+    return {
+        "clients": args.clients,
+        "leaked_blocks": leaked,
+        "running_after": sum(s["num_running"] for s in stats.values()),
+        "waiting_after": sum(s["num_waiting"] for s in stats.values()),
+        "settle_s": round(time.monotonic() - t0, 1),
+        "outcomes": t.to_dict(),
+    }
+
+
+def fuzz_section(root: str, args: argparse.Namespace) -> dict[str, Any]:
+    from bench.fuzz_api import fuzz
+    from deployments.app import build_app
+
+    app = "rel-fuzz"
+    base = deploy(root, build_app(cluster_config(1)), app)
+    per_run = max(1, args.fuzz_cases // 4)  # two POST operations x two modes carry the cases
+    res = fuzz(base, KEY, per_run, model=MODEL).to_dict()
+    _delete(app)
+    return res
+
+
+def _delete(app: str) -> None:
+    from ray import serve
+
+    serve.delete(app)
+
+
+FAULTS = {
+    "replica_kill": replica_kill,
+    "tp_worker_kill": tp_worker_kill,
+    "ingress_kill": ingress_kill,
+    "node_loss": node_loss,
+    "policy_scale_down": policy_scale_down,
+}
+SECTIONS = ["fuzz", *FAULTS, "overload", "disconnects", "soak"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--only", help=f"comma-separated subset of {','.join(SECTIONS)}")
+    ap.add_argument("--num-cpus", type=int, default=8, help="CPUs of the local Ray head")
+    ap.add_argument("--fuzz-cases", type=int, default=2000)
+    ap.add_argument("--streams", type=int, default=16, help="concurrent streams during a fault")
+    ap.add_argument("--max-tokens", type=int, default=200, help="tokens per streamed request")
+    ap.add_argument("--clients", type=int, default=500, help="disconnect storm clients")
+    ap.add_argument("--soak-s", type=float, default=120.0, help="soak duration (bench/soak.py)")
+    args = ap.parse_args()
+    only = args.only.split(",") if args.only else SECTIONS
+    unknown = set(only) - set(SECTIONS)
+    if unknown:
+        ap.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    root = start_ray(args.num_cpus)
+    out: dict[str, Any] = {"faults": {}}
+    for name in only:
+        t0 = time.monotonic()
+        print(f"== {name}", flush=True)
+        try:
+            if name == "fuzz":
+                out["fuzz"] = fuzz_section(root, args)
+            elif name in FAULTS:
+                out["faults"][name] = FAULTS[name](root, args)
+            elif name == "overload":
+                out["overload"] = overload(root, args)
+            elif name == "disconnects":
+                out["disconnects"] = disconnects(root, args)
+            elif name == "soak":
+                from bench.soak import soak
+
+                out["soak"] = soak(root, args.soak_s)
+        except Exception as e:  # noqa: BLE001 - one scenario's failure is its result
+            result = {"error": f"{type(e).__name__}: {e}"}
+            if name in FAULTS:
+                out["faults"][name] = result
+            else:
+                out[name] = result
+        took = time.monotonic() - t0
+        section = out["faults"].get(name) if name in FAULTS else out.get(name)
+        print(json.dumps({name: section, "took_s": round(took, 1)}, default=str)[:2000], flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2, default=str))
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
