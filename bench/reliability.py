@@ -16,8 +16,9 @@ event within 2 s, the others complete, Serve replaces it, survivors leak no KV b
 ``tp_worker_kill`` (SIGKILL of a tensor-parallel worker of a TP=2 replica), ``ingress_kill``
 (SIGKILL of the ingress replica), ``node_loss`` (a second Ray node started on this machine with
 ``ray start --address``, holding a replica, stopped), ``policy_scale_down`` (a live policy edit
-that scales an autoscaled model from 2 replicas to 1 under load). ``fleetlm down`` / SIGTERM of
-``fleetlm up`` with streams in flight: bench/reliability_cli.py.
+that scales an autoscaled model from 2 replicas to 1 under load), ``fleetlm_down`` and
+``fleetlm_up_sigterm`` (streams in flight while the cluster is stopped: they drain or end with a
+clean error, and no process of the cluster is left; bench/reliability_cli.py).
 """
 
 from __future__ import annotations
@@ -440,12 +441,26 @@ def _delete(app: str) -> None:
     serve.delete(app)
 
 
+def fleetlm_down(root: str, args: argparse.Namespace) -> dict[str, Any]:
+    from bench.reliability_cli import run
+
+    return run("down", args.streams, args.max_tokens)
+
+
+def fleetlm_up_sigterm(root: str, args: argparse.Namespace) -> dict[str, Any]:
+    from bench.reliability_cli import run
+
+    return run("sigterm", args.streams, args.max_tokens)
+
+
 FAULTS = {
     "replica_kill": replica_kill,
     "tp_worker_kill": tp_worker_kill,
     "ingress_kill": ingress_kill,
     "node_loss": node_loss,
     "policy_scale_down": policy_scale_down,
+    "fleetlm_down": fleetlm_down,
+    "fleetlm_up_sigterm": fleetlm_up_sigterm,
 }
 SECTIONS = ["fuzz", *FAULTS, "overload", "disconnects", "soak"]
 

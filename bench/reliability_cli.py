@@ -1,0 +1,168 @@
+"""`fleetlm down` and SIGTERM of a foreground `fleetlm up` with streams in flight: every stream
+drains (completes) within the grace period or ends with a clean error, and no process of the
+cluster (Ray's, the replicas', their engine processes) is left behind.
+
+    flock /tmp/fleetlm-bench.lock .venv/bin/python -m bench.reliability_cli --json cli.json
+
+Each scenario starts its own `fleetlm up` (own Ray head, own state directory, a free HTTP port).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from bench.reliability_load import streaming_load, tally
+
+KEY = "reliability-key"
+MODEL = "tiny"
+
+
+def session_pids(sid: int) -> set[int]:
+    """Processes of one session (the Ray head `fleetlm up` starts runs in a session of its own)."""
+    out = set()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if os.getsid(int(d.name)) == sid:
+                    out.add(int(d.name))
+            except OSError:
+                continue
+    return out
+
+
+def write_config(tmp: Path, port: int) -> Path:
+    cfg = {
+        "models": [
+            {
+                "name": MODEL,
+                "model": "demo-small",
+                "num_replicas": 1,
+                "engine": {"max_num_seqs": 8, "max_model_len": 512, "num_threads": 1},
+                "resources_per_replica": {"num_cpus": 1},
+            }
+        ],
+        "http": {"host": "127.0.0.1", "port": port},
+        "api_keys": [{"sha256": hashlib.sha256(KEY.encode()).hexdigest()}],
+        "ray": {"num_cpus": 4},
+    }
+    p = tmp / "cluster.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def fleetlm(*args: str, env: dict[str, str], **kw: Any) -> subprocess.Popen:
+    exe = str(Path(sys.executable).with_name("fleetlm"))
+    return subprocess.Popen([exe, *args], env=env, **kw)
+
+
+def run(kind: str, streams: int, max_tokens: int) -> dict[str, Any]:
+    """kind: "down" (`fleetlm up --detach`, then `fleetlm down`) or "sigterm" (SIGTERM to a
+    foreground `fleetlm up`)."""
+    from cluster.ray_runtime import free_port
+
+    tmp = Path(tempfile.mkdtemp(prefix=f"fleetlm-rel-{kind}-"))
+    port = free_port()
+    env = {**os.environ, "FLEETLM_STATE_DIR": str(tmp / "state")}
+    cfg = write_config(tmp, port)
+    log = open(tmp / "up.log", "wb")
+    up_args = ["up", "-c", str(cfg), "--ray-port", str(free_port())]
+    up = fleetlm(*up_args, *(["--detach"] if kind == "down" else []), env=env, stdout=log,
+                 stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    headers = {"Authorization": f"Bearer {KEY}"}
+    deadline = time.monotonic() + 600
+    while True:
+        try:
+            if httpx.get(base + "/health", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline or (kind == "down" and up.poll() not in (None, 0)):
+            return {"error": f"fleetlm up not serving; log {tmp / 'up.log'}"}
+        time.sleep(1.0)
+    state = json.loads((tmp / "state" / "cluster.json").read_text())
+    sid = os.getsid(state["head_pid"])
+    before = session_pids(sid)
+
+    async def main():
+        load = asyncio.create_task(
+            streaming_load(base, MODEL, headers, streams, streams, max_tokens, limit_s=180)
+        )
+        await asyncio.sleep(2.0)
+        t_stop = time.monotonic()
+        if kind == "down":
+            stop = await asyncio.to_thread(
+                subprocess.run, [str(Path(sys.executable).with_name("fleetlm")), "down"],
+                env=env, capture_output=True, timeout=300,
+            )  # fmt: skip
+            stop_rc = stop.returncode
+        else:
+            up.send_signal(signal.SIGTERM)
+            stop_rc = await asyncio.to_thread(up.wait, 300)
+        return await load, time.monotonic() - t_stop, stop_rc
+
+    outcomes, stop_s, stop_rc = asyncio.run(main())
+    time.sleep(2.0)
+    left = sorted(p for p in before if _alive(p))
+    t = tally(outcomes)
+    return {
+        "completed": t.completed,
+        "clean_errors": t.clean_errors,
+        "lost": t.lost,
+        "recovery_s": None,  # the cluster is stopped on purpose
+        "stop_s": round(stop_s, 1),
+        "stop_exit_code": stop_rc,
+        "processes_before": len(before),
+        "processes_left": len(left),
+        "left": [_cmd(p) for p in left][:10],
+        "details": t.to_dict(),
+    }
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _cmd(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]
+    except OSError:
+        return "?"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--only", default="down,sigterm")
+    ap.add_argument("--streams", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=150)
+    ap.add_argument("--json", help="write {fleetlm_down: ..., fleetlm_up_sigterm: ...} here")
+    args = ap.parse_args()
+    names = {"down": "fleetlm_down", "sigterm": "fleetlm_up_sigterm"}
+    out = {}
+    for kind in args.only.split(","):
+        out[names[kind]] = run(kind, args.streams, args.max_tokens)
+        print(json.dumps({names[kind]: out[names[kind]]}, default=str), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
