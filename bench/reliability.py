@@ -428,7 +428,9 @@ def fuzz_section(root: str, args: argparse.Namespace) -> dict[str, Any]:
     from deployments.app import build_app
 
     app = "rel-fuzz"
-    base = deploy(root, build_app(cluster_config(1)), app)
+    # A short context keeps the fuzzer's valid generations short (thousands of cases).
+    engine = {**ENGINE, "max_model_len": 96}
+    base = deploy(root, build_app(cluster_config(1, engine=engine)), app)
     per_run = max(1, args.fuzz_cases // 4)  # two POST operations x two modes carry the cases
     res = fuzz(base, KEY, per_run, model=MODEL).to_dict()
     _delete(app)
