@@ -372,9 +372,19 @@ def overload(root: str, args: argparse.Namespace) -> dict[str, Any]:
     pids = [a["pid"] for a in actors(replica_prefix(app, dep))]
     pids += [a["pid"] for a in actors(replica_prefix(app, INGRESS_NAME))]
     rss0 = {p: rss_mb(p) for p in pids}
-    outcomes = asyncio.run(
-        streaming_load(base, MODEL, HEADERS, sent, sent, args.max_tokens // 2, limit_s=300)
-    )
+    peak: dict[str, int] = {}  # most requests seen waiting in each replica's engine
+
+    async def main():
+        load = asyncio.create_task(
+            streaming_load(base, MODEL, HEADERS, sent, sent, args.max_tokens // 2, limit_s=300)
+        )
+        while not load.done():
+            for name, st in (await asyncio.to_thread(routing_stats, app, dep)).items():
+                peak[name] = max(peak.get(name, 0), st["num_waiting"])
+            await asyncio.sleep(0.2)
+        return await load
+
+    outcomes = asyncio.run(main())
     rss1 = {p: rss_mb(p) for p in pids}
     ttfts = [o.first_token_s for o in outcomes if o.kind == "completed" and o.first_token_s]
     rejected = sum(1 for o in outcomes if o.status == 429)
@@ -390,6 +400,8 @@ def overload(root: str, args: argparse.Namespace) -> dict[str, Any]:
         "other_errors": sent - completed - rejected,
         "admitted_p99_ttft_ms": round(p99 * 1000, 1) if p99 is not None else None,
         "capacity": capacity,
+        "max_waiting_per_replica": max(peak.values(), default=0),
+        "queue_limit_per_replica": 8,
         "rejections_are_error_objects": retry_after_ok,
         "max_rss_growth_mb": round(max(rss1[p] - rss0[p] for p in pids), 1),
         "leaked_blocks": leaked,
