@@ -186,3 +186,14 @@ def test_constrained_requests_do_not_speculate(path):
     assert eng.spec.draft_tokens == 0
     jsonschema.validate(json.loads(r.text), SCHEMA)
     assert r.finish_reason == "stop"
+
+
+def test_bench_structured_small(engine):
+    from bench.structured import closed_loop, validity
+
+    cases = schemas(4)
+    v = validity(engine, cases)
+    assert v["valid"] == 4 and v["valid_pct"] == 100.0
+    r = closed_loop(engine, cases, batch=4, num_constrained=2, steps=6, warmup=2, plain_tokens=8)
+    assert r["mask_rows_per_step"] == 2.0  # the closed loop keeps 2 constrained rows every step
+    assert r["output_tokens"] >= 4 * 6 and not engine.requests
