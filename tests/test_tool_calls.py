@@ -140,3 +140,17 @@ def test_forced_call_grammar_on_the_engine(fmt):
         content, calls = parse_tool_calls(r.text, fmt)
         assert not content and len(calls) == 1, r.text
         jsonschema.validate(json.loads(calls[0].arguments), tools[calls[0].name])
+
+
+def test_cluster_file_overrides_the_template_choice():
+    from pydantic import ValidationError
+
+    from cluster.config import ModelConfig
+    from deployments.model_runtime import load_runtime
+
+    base = {"name": "m", "model": "demo-small", "caches": {"exact": {"enabled": False}}}
+    assert load_runtime(ModelConfig.model_validate(base), None).tool_parser == "hermes"
+    mc = ModelConfig.model_validate({**base, "tool_parser": "llama3_json"})
+    assert load_runtime(mc, None).tool_parser == "llama3_json"
+    with pytest.raises(ValidationError, match="tool_parser"):
+        ModelConfig.model_validate({**base, "tool_parser": "xml"})
