@@ -1,11 +1,26 @@
-"""Correctness, speculative decoding, int8, then W1 and a decode-step profile, on an accelerator.
+"""Kernels, correctness, CUDA graphs, then W1 and a decode-step profile, on an accelerator.
 
-Correctness first: the greedy equivalence of tests/test_engine_equivalence.py on the device (its
+One prepared run for one H100 in under 8 minutes (``--budget-s``: a part that would start past it
+is skipped and recorded). Default parts, in order: ``kernels,correctness,graphs,w1,profile``;
+``spec`` and ``int8`` run when named. Targets (issue 12), reported under "targets" in the JSON:
+W1 fleetlm >= 3x transformers' ``generate()`` on the same GPU in the same run, a batch-32 decode
+step <= 5 ms, the GPU busy >= 50% of that step; float32 greedy == ``generate()``.
+
+``kernels`` (bench/gpu_kernels_check.py): engine.kernels' Triton paged attention on the device
+against the torch reference (store_kv, decode with a padding row, varlen prefill over cached
+context; float32 and bfloat16), with the decode kernel's time beside the reference's.
+``graphs``: an attention layer through engine/cuda_graph.py's DecodeGraphRunner, replayed graphs
+against eager runs per batch size (bitwise on the same padded bucket; the padding writes nothing),
+then the engine's greedy output with CUDA graphs against ``enforce_eager`` on a tiny float32 model.
+
+``correctness``: the greedy equivalence of tests/test_engine_equivalence.py on the device (its
 prompts: 20 of lengths 1..700, four sharing a 90-token prefix; its engine cases: default, chunked
 prefill, a block pool small enough to force preemption, no cache / no chunking), on its two tiny
 random models (demo-small, a tiny Qwen2) in float32, against transformers' own greedy
 ``generate()`` on the same device; the prompts matching token-for-token are counted per case. A
-bfloat16 row of each case is reported for information only (batch-shape numerics flip near-ties).
+bfloat16 row of each model's default case is reported for information only (batch-shape numerics
+flip near-ties). With ``EngineConfig.model_impl`` present, every float32 case runs on both model
+paths: our own model code (``fleetlm``) and transformers' modules (``transformers``).
 
 Speculative decoding on the device (``spec``), same tiny float32 models, the repetitive prompts of
 tests/test_spec_decode.py: greedy output with n-gram speculation (default knobs, and a chunked
@@ -25,14 +40,15 @@ engine on that model: wall time per step, the step split by phase (timers with a
 each boundary), and torch.profiler's summed device (kernel + copy) time per step; the rest of the
 step's wall time is when the device was idle, waiting on the host.
 
-    python3 bench/gpu_check.py --json OUT/gpu_check.json          # on the GPU machine, all parts
-    python3 bench/gpu_check.py --parts spec,int8,w1,profile       # skip what already ran
-    python bench/gpu_check.py --device cpu --tiny                 # smoke test of the script here
+    python3 bench/gpu_check.py --json OUT/gpu_check.json          # on the GPU machine
+    python3 bench/gpu_check.py --parts spec,int8 --json OUT/more.json   # the optional parts
+    python bench/gpu_check.py --device cpu --tiny --max-prompts 4 --num-prompts 4   # smoke here
 
 Roofline (WORKLOADS.md): decode tok/s <= batch * bandwidth / (weight bytes + KV bytes read per
 step); prefill ~= 2 * parameters FLOPs per token. The W1 bound adds both phases' lower times.
-The exit status is 1 when a float32 correctness case or a speculative check fails, or a part
-raises (the JSON, with every part's figures or error, is written first).
+The exit status is 1 when a kernel, float32 correctness, graph or speculative check fails, or a
+part raises (the JSON, with every part's figures or error, is written first); a missed
+performance target is reported, not an error.
 """
 
 from __future__ import annotations
@@ -160,14 +176,32 @@ def roofline(shape: dict, n: int, plen: int, olen: int, bw: float, tflops: float
     return params, decode_bound, w1_bound, decode_step_s * 1e3, prefill_s * 1e3
 
 
-def equivalence_cases() -> tuple[list[dict], list[str]]:
-    """The engine knob cases of tests/test_engine_equivalence.py (its parametrize), with ids."""
-    from test_engine_equivalence import test_greedy_matches_hf_generate as t
+def equivalence_cases() -> list[tuple[str, str, dict, str | None]]:
+    """(family, knob id, engine knobs, model_impl) of tests/test_engine_equivalence.py: its CASES
+    over its KNOBS, plus transformers' modules on every knob of the demo Llama and Qwen2 (the test
+    keeps the fallback path to a few cases for time); an older test (a ``knobs`` parametrize, one
+    model path) gives its knobs on those two families."""
+    import test_engine_equivalence as t
 
-    for mark in getattr(t, "pytestmark", []):
+    knobs = getattr(t, "KNOBS", None)
+    cases = getattr(t, "CASES", None)
+    if knobs is not None and cases is not None:
+        out = [(f, k, knobs[k], impl) for f, k, impl in cases]
+        seen = {(f, k, impl) for f, k, impl in cases}
+        for f in ("demo-small", "qwen2"):
+            for k in knobs:
+                if (f, k, "transformers") not in seen:
+                    out.append((f, k, knobs[k], "transformers"))
+        return out
+    for mark in getattr(t.test_greedy_matches_hf_generate, "pytestmark", []):
         if mark.name == "parametrize" and mark.args[0] == "knobs":
-            return list(mark.args[1]), list(mark.kwargs["ids"])
-    raise RuntimeError("tests/test_engine_equivalence.py: no 'knobs' parametrize found")
+            ids = list(mark.kwargs["ids"])
+            return [
+                (f, i, k, None)
+                for f in ("demo-small", "qwen2")
+                for i, k in zip(ids, mark.args[1], strict=True)
+            ]
+    raise RuntimeError("tests/test_engine_equivalence.py: neither KNOBS/CASES nor 'knobs' found")
 
 
 def hf_greedy_reference(path: str, prompts, dtype: torch.dtype, device: torch.device, new: int):
@@ -192,93 +226,165 @@ def hf_greedy_reference(path: str, prompts, dtype: torch.dtype, device: torch.de
     return out
 
 
-def correctness(device: torch.device, tmp: Path) -> list[dict]:
-    """One row per (model, dtype, case): prompts matching transformers' greedy token-for-token,
-    plus the prefix-cache / preemption / block-release checks the test makes."""
+def graph_stats(engine) -> dict:
+    """Decode graph counters of the engine's runner, when it has a graph runner."""
+    gr = getattr(engine.runner, "graph_runner", None)
+    if gr is None:
+        return {"graph_runner": False}
+    return {
+        "graph_runner": True,
+        "graphs_used": gr.use_graphs,
+        "graph_replays": gr.num_replays,
+        "graph_eager_calls": gr.num_eager,
+    }
+
+
+def correctness(device: torch.device, tmp: Path, max_prompts: int | None = None) -> list[dict]:
+    """One row per (model, model path, dtype, case): prompts matching transformers' greedy
+    token-for-token, plus the prefix-cache / preemption / block-release checks the test makes.
+    float32 rows are asserted; a bfloat16 row per model path of the two main families' default
+    case is information."""
     from test_engine_equivalence import GREEDY, NEW, mixed_prompts
-    from tiny_models import tiny_qwen2
 
     from engine.config import EngineConfig
-    from engine.demo_model import resolve_model
     from engine.llm_engine import LLMEngine
 
     # float32 means float32: no TF32 in matmuls (torch's default, stated here).
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    models = {
-        "demo-small": resolve_model("demo-small", progress=False),
-        "qwen2-tiny": tiny_qwen2(tmp / "qwen2-tiny", max_position_embeddings=1024),
-    }
-    knob_cases, ids = equivalence_cases()
+    cases = equivalence_cases()
     prompts = mixed_prompts()
+    if max_prompts:
+        prompts = prompts[-max_prompts:]  # the last ones share the cached prefix
     rows = []
-    for model_name, path in models.items():
+    for family in dict.fromkeys(f for f, *_ in cases):
+        path = family_path(family, tmp)
         for dtype_name in ("float32", "bfloat16"):
-            dtype = getattr(torch, dtype_name)
-            ref = hf_greedy_reference(path, prompts, dtype, device, NEW)
-            for case, knobs in zip(ids, knob_cases, strict=True):
-                t = time.perf_counter()
-                eng = LLMEngine(
-                    EngineConfig(model=path, device=str(device), dtype=dtype_name, **knobs)
+            mine = [c for c in cases if c[0] == family]
+            if dtype_name == "bfloat16":
+                if family not in ("demo-small", "qwen2"):
+                    continue
+                first = mine[0][1]
+                mine = [c for c in mine if c[1] == first]
+            ref = hf_greedy_reference(path, prompts, getattr(torch, dtype_name), device, NEW)
+            for _, case, knobs, impl in mine:
+                cfg = dict(model=path, device=str(device), dtype=dtype_name, **knobs)
+                label = {"model": family, "model_impl": impl, "case": case}
+                rows.append(
+                    correctness_case(EngineConfig, LLMEngine, GREEDY, prompts, ref, cfg, label)
                 )
-                eng.generate([prompts[-1]], GREEDY)  # warm the shared prefix (cache hits)
-                res = eng.generate(prompts, GREEDY)
-                st = eng.stats()
-                match = [r.token_ids == want for r, want in zip(res, ref, strict=True)]
-                checks = {"all_blocks_freed": st.num_free_blocks == st.num_total_blocks}
-                if knobs.get("enable_prefix_caching", True):
-                    checks["prefix_cache_hit"] = st.prefix_cache_hit_tokens > 0
-                if "num_kv_blocks" in knobs:
-                    checks["preempted"] = st.num_preemptions > 0
-                row = {
-                    "model": model_name,
-                    "dtype": dtype_name,
-                    "case": case,
-                    "knobs": knobs,
-                    "prompts": len(prompts),
-                    "matching": sum(match),
-                    "mismatched_prompt_lengths": [
-                        len(p) for p, m in zip(prompts, match, strict=True) if not m
-                    ],
-                    "prefix_cache_hit_tokens": st.prefix_cache_hit_tokens,
-                    "num_preemptions": st.num_preemptions,
-                    "num_steps": st.num_steps,
-                    "cpu_kernel_loaded": eng.runner.decode_kernel is not None,
-                    **checks,
-                    "seconds": round(time.perf_counter() - t, 2),
-                }
-                row["ok"] = row["matching"] == row["prompts"] and all(checks.values())
-                row["asserted"] = dtype_name == "float32"  # bfloat16: for information
-                rows.append(row)
-                print(
-                    f"  {model_name:10s} {dtype_name:8s} {case:18s} "
-                    f"{row['matching']:2d}/{row['prompts']} match, hits "
-                    f"{st.prefix_cache_hit_tokens}, preemptions {st.num_preemptions}"
-                    + ("" if row["ok"] or not row["asserted"] else "  <-- MISMATCH"),
-                    flush=True,
-                )
-                del eng
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+                empty_cache(device)
     return rows
 
 
-PARTS = ("correctness", "spec", "int8", "w1", "profile")
+def correctness_case(EngineConfig, LLMEngine, greedy, prompts, ref, cfg: dict, label: dict) -> dict:
+    t = time.perf_counter()
+    knobs = {k: v for k, v in cfg.items() if k not in ("model", "device", "dtype")}
+    if label["model_impl"] is not None:
+        cfg = {**cfg, "model_impl": label["model_impl"]}
+    eng = LLMEngine(EngineConfig(**cfg))
+    eng.generate([prompts[-1]], greedy)  # warm the shared prefix (cache hits)
+    res = eng.generate(prompts, greedy)
+    st = eng.stats()
+    match = [r.token_ids == want for r, want in zip(res, ref, strict=True)]
+    checks = {"all_blocks_freed": st.num_free_blocks == st.num_total_blocks}
+    if knobs.get("enable_prefix_caching", True):
+        checks["prefix_cache_hit"] = st.prefix_cache_hit_tokens > 0
+    if "num_kv_blocks" in knobs and len(prompts) >= 20:  # a smoke subset may fit the pool
+        checks["preempted"] = st.num_preemptions > 0
+    row = {
+        **label,
+        "dtype": cfg["dtype"],
+        "knobs": knobs,
+        "prompts": len(prompts),
+        "matching": sum(match),
+        "mismatched_prompt_lengths": [len(p) for p, m in zip(prompts, match, strict=True) if not m],
+        "prefix_cache_hit_tokens": st.prefix_cache_hit_tokens,
+        "num_preemptions": st.num_preemptions,
+        "num_steps": st.num_steps,
+        "own_model_code": getattr(eng.runner, "own", None),
+        **graph_stats(eng),
+        **checks,
+        "seconds": round(time.perf_counter() - t, 2),
+    }
+    row["ok"] = row["matching"] == row["prompts"] and all(checks.values())
+    row["asserted"] = cfg["dtype"] == "float32"  # bfloat16: for information
+    print(
+        f"  {label['model']:10s} {str(label['model_impl']):12s} {cfg['dtype']:8s} "
+        f"{label['case']:18s} {row['matching']:2d}/{row['prompts']} match, hits "
+        f"{st.prefix_cache_hit_tokens}, preemptions {st.num_preemptions}, graph replays "
+        f"{row.get('graph_replays', '-')}"
+        + ("" if row["ok"] or not row["asserted"] else "  <-- MISMATCH"),
+        flush=True,
+    )
+    del eng
+    return row
+
+
+def graphs_check(device: torch.device, tmp: Path, max_prompts: int | None = None) -> dict:
+    """The graph runner on an attention layer (bench/gpu_kernels_check.py), then the engine's
+    greedy output with decode graphs against the same engine with ``enforce_eager``."""
+    from test_engine_equivalence import GREEDY, mixed_prompts
+
+    from bench.gpu_kernels_check import graph_toy_check
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+
+    out = {"layer": graph_toy_check(device)}
+    prompts = mixed_prompts()[-max_prompts:] if max_prompts else mixed_prompts()
+    rows = []
+    for model_name, path in tiny_model_paths(tmp).items():
+        got = {}
+        for eager in (True, False):
+            eng = LLMEngine(
+                EngineConfig(model=path, device=str(device), dtype="float32", enforce_eager=eager)
+            )
+            got[eager] = ([r.token_ids for r in eng.generate(prompts, GREEDY)], graph_stats(eng))
+            del eng
+            empty_cache(device)
+        same = sum(a == b for a, b in zip(got[True][0], got[False][0], strict=True))
+        row = {
+            "model": model_name,
+            "prompts": len(prompts),
+            "graphs_equal_eager": same,
+            "with_graphs": got[False][1],
+            "enforce_eager": got[True][1],
+        }
+        row["ok"] = same == len(prompts)
+        rows.append(row)
+        print(
+            f"  graphs {model_name:10s} greedy with graphs == enforce_eager: {same}/{len(prompts)}"
+            f", {got[False][1]}" + ("" if row["ok"] else "  <-- FAIL"),
+            flush=True,
+        )
+    out["engine"] = rows
+    wired = [r["with_graphs"].get("graphs_used") for r in rows]
+    out["engine_replays_graphs"] = bool(wired) and all(wired)
+    out["all_ok"] = out["layer"]["all_ok"] and all(r["ok"] for r in rows)
+    return out
+
+
+PARTS = ("kernels", "correctness", "graphs", "w1", "profile", "spec", "int8")
+DEFAULT_PARTS = ("kernels", "correctness", "graphs", "w1", "profile")
+
+
+def family_path(family: str, tmp: Path) -> str:
+    """A tiny float32 random model of tests/tiny_models.py (demo-small: the embedded demo)."""
+    from engine.demo_model import resolve_model
+
+    if family == "demo-small":
+        return resolve_model("demo-small", progress=False)
+    import tiny_models
+
+    path = tmp / f"{family}-tiny"
+    if path.exists():
+        return str(path)
+    return getattr(tiny_models, f"tiny_{family}")(path, max_position_embeddings=1024)
 
 
 def tiny_model_paths(tmp: Path) -> dict[str, str]:
-    """The two tiny float32 random models of tests/test_engine_equivalence.py."""
-    from tiny_models import tiny_qwen2
-
-    from engine.demo_model import resolve_model
-
-    qwen = tmp / "qwen2-tiny"
-    return {
-        "demo-small": resolve_model("demo-small", progress=False),
-        "qwen2-tiny": str(qwen)
-        if qwen.exists()
-        else tiny_qwen2(qwen, max_position_embeddings=1024),
-    }
+    """The demo Llama and the tiny Qwen2 of tests/test_engine_equivalence.py."""
+    return {"demo-small": family_path("demo-small", tmp), "qwen2-tiny": family_path("qwen2", tmp)}
 
 
 def spec_check(device: torch.device, tmp: Path) -> dict:
@@ -479,12 +585,34 @@ def empty_cache(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def targets(result: dict) -> dict:
+    """Issue 12's GPU targets against what this run measured (None: not measured)."""
+    w1r, prof = result.get("w1", {}), result.get("profile", {})
+    corr = result.get("correctness", {})
+
+    def row(value, target, higher_is_better: bool) -> dict:
+        met = None if value is None else (value >= target if higher_is_better else value <= target)
+        return {"value": value, "target": target, "met": met}
+
+    wall = prof.get("step_wall_ms_median")
+    return {
+        "float32_greedy_equals_generate": {
+            "value": corr.get("float32_matching"),
+            "met": corr.get("float32_all_match"),
+        },
+        "w1_fleetlm_vs_generate": row(w1r.get("fleetlm_vs_generate"), 3.0, True),
+        "decode_step_ms_batch32": row(wall, 5.0, False),
+        "gpu_busy_share_of_decode_step": row(prof.get("device_busy_share"), 0.5, True),
+    }
+
+
 def main() -> None:
+    t_start = time.perf_counter()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--device", default="cuda")
     ap.add_argument(
         "--parts",
-        default=",".join(PARTS),
+        default=",".join(DEFAULT_PARTS),
         help=f"comma-separated, run in the order given, from: {','.join(PARTS)}",
     )
     ap.add_argument("--tiny", action="store_true", help="a 2-layer model for W1 (smoke test)")
@@ -493,12 +621,33 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--profile-steps", type=int, default=10)
-    ap.add_argument("--skip-generate-batch", action="store_true")
+    ap.add_argument(
+        "--max-prompts",
+        type=int,
+        default=None,
+        help="correctness/graphs: only the last N of the 20 mixed prompts (smoke tests)",
+    )
+    ap.add_argument(
+        "--generate-batch",
+        action="store_true",
+        help="W1: also transformers' generate_batch() (0.23x generate() on the H100; slow)",
+    )
+    ap.add_argument(
+        "--no-w1-eager",
+        action="store_true",
+        help="W1: skip the fleetlm run with enforce_eager (the figure without CUDA graphs)",
+    )
     ap.add_argument(
         "--batch-time-cap-s",
         type=float,
         default=45.0,
         help="a generate_batch() run slower than this is not repeated",
+    )
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=450.0,
+        help="a part is not started after this many seconds (W1 stops repeating past it)",
     )
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -509,6 +658,7 @@ def main() -> None:
     bad = sorted(set(parts) - set(PARTS))
     if bad or not parts:
         ap.error(f"--parts: unknown or empty {bad}; choose from {','.join(PARTS)}")
+    args.deadline = t_start + args.budget_s
 
     import transformers
 
@@ -520,12 +670,16 @@ def main() -> None:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "transformers": transformers.__version__,
+        "triton": triton_version(),
         "parts": parts,
         "errors": {},
+        "skipped_for_time": [],
     }
     print(result, flush=True)
 
     def save() -> None:
+        result["seconds"] = round(time.perf_counter() - t_start, 1)
+        result["targets"] = targets(result)
         if args.json:
             os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
             with open(args.json, "w") as f:
@@ -533,6 +687,11 @@ def main() -> None:
 
     def run_part(name: str, fn) -> None:
         """One part's figures or its error; a part failing must not lose the others."""
+        if time.perf_counter() > args.deadline:
+            result["skipped_for_time"].append(name)
+            print(f"== {name}: skipped (past --budget-s {args.budget_s:.0f})", flush=True)
+            save()
+            return
         t = time.perf_counter()
         print(f"== {name}", flush=True)
         try:
@@ -547,8 +706,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
 
+        def do_kernels() -> None:
+            from bench.gpu_kernels_check import kernel_checks
+
+            result["kernels"] = kernel_checks(device)
+            print("kernels:", "all ok" if result["kernels"]["all_ok"] else "FAIL", flush=True)
+
         def do_correctness() -> None:
-            rows = correctness(device, tmp)
+            rows = correctness(device, tmp, args.max_prompts)
             fp32 = [r for r in rows if r["dtype"] == "float32"]
             result["correctness"] = {
                 "float32_all_match": all(r["ok"] for r in fp32),
@@ -562,6 +727,10 @@ def main() -> None:
                 result["correctness"]["float32_matching"],
                 flush=True,
             )
+
+        def do_graphs() -> None:
+            result["graphs"] = graphs_check(device, tmp, args.max_prompts)
+            print("graphs:", "all ok" if result["graphs"]["all_ok"] else "FAIL", flush=True)
 
         def do_spec() -> None:
             result["spec"] = spec_check(device, tmp)
@@ -579,7 +748,9 @@ def main() -> None:
             result["profile"] = profile_decode_step(args, device, tmp, w1_state)
 
         fns = {
+            "kernels": do_kernels,
             "correctness": do_correctness,
+            "graphs": do_graphs,
             "spec": do_spec,
             "int8": do_int8,
             "w1": do_w1,
@@ -587,20 +758,33 @@ def main() -> None:
         }
         for name in dict.fromkeys(parts):  # in the order given
             run_part(name, fns[name])
-    summary = {k: v for k, v in result.items() if k not in ("correctness", "spec", "int8")}
+    save()
+    detail = ("kernels", "correctness", "graphs", "spec", "int8")
+    summary = {k: v for k, v in result.items() if k not in detail}
     print(json.dumps(summary, indent=2))
     w1r = result.get("w1", {})
     for k, v in w1r.get("output_tok_s", {}).items():
         if v:
             print(f"  {k:18s} {v:9.1f} tok/s  ({v / w1r['w1_bound_tok_s']:.1%} of the W1 bound)")
+    for k, v in result["targets"].items():
+        print(f"  target {k}: {v}")
     failed = list(result["errors"])
     if "correctness" in result and not result["correctness"]["float32_all_match"]:
         failed.append("correctness")
-    if "spec" in result and not result["spec"]["all_ok"]:
-        failed.append("spec")
+    for name in ("kernels", "graphs", "spec"):
+        if name in result and not result[name]["all_ok"]:
+            failed.append(name)
     if failed:
         print("FAILED:", failed, flush=True)
         sys.exit(1)
+
+
+def triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
 
 
 def w1_engine_and_model(args, device: torch.device, tmp: Path, state: dict):
@@ -619,16 +803,24 @@ def w1_engine_and_model(args, device: torch.device, tmp: Path, state: dict):
     path = build_model(tmp / "qwen25-05b-random", shape, dtype)
     print(f"W1: model built in {time.perf_counter() - t:.1f} s", flush=True)
     state["prompts"] = w1_prompts(args.num_prompts, args.prompt_len)
-    state["engine"] = LLMEngine(
-        EngineConfig(
-            model=path,
-            dtype="bfloat16",
-            device=str(device),
-            max_num_seqs=max(64, args.num_prompts),
-            max_num_batched_tokens=8192,
-            kv_cache_memory_gb=4.0 if device.type == "cuda" else 0.25,
+
+    def engine(enforce_eager: bool) -> LLMEngine:
+        return LLMEngine(
+            EngineConfig(
+                model=path,
+                dtype="bfloat16",
+                device=str(device),
+                max_num_seqs=max(64, args.num_prompts),
+                max_num_batched_tokens=8192,
+                kv_cache_memory_gb=4.0 if device.type == "cuda" else 0.25,
+                enforce_eager=enforce_eager,
+            )
         )
-    )
+
+    t = time.perf_counter()
+    state["engine"] = engine(False)
+    print(f"W1: engine ready in {time.perf_counter() - t:.1f} s", flush=True)
+    state["engine_eager"] = None if args.no_w1_eager else engine(True)
     state["hf"] = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     return state["engine"], state["hf"], state["prompts"]
 
@@ -642,14 +834,22 @@ def w1(args, device: torch.device, tmp: Path, state: dict) -> dict:
     engine, hf, prompts = w1_engine_and_model(args, device, tmp, state)
     # Warm-up with the full batch shape (all prompts: the batch-n prefill and decode shapes,
     # allocator pools, kernel choices), twice each, a few tokens.
+    eager = state["engine_eager"]
     t = time.perf_counter()
     for _ in range(2):
         run_fleetlm(engine, prompts, 8)
+        if eager is not None:
+            run_fleetlm(eager, prompts, 8)
         run_hf_generate_on(hf, prompts, 8, device)
     print(f"W1: warm-up (full batch, 8 tokens, x2) {time.perf_counter() - t:.1f} s", flush=True)
-    rates: dict[str, list[float]] = {"fleetlm": [], "hf_generate": [], "hf_generate_batch": []}
+    rates: dict[str, list[float]] = {
+        "fleetlm": [],
+        "fleetlm_enforce_eager": [],
+        "hf_generate": [],
+        "hf_generate_batch": [],
+    }
     errors: dict[str, str] = {}
-    batch_on = not args.skip_generate_batch
+    batch_on = args.generate_batch
     if batch_on:
         try:
             run_hf_generate_batch(hf, prompts, 8)  # warm-up
@@ -657,8 +857,13 @@ def w1(args, device: torch.device, tmp: Path, state: dict) -> dict:
             errors["hf_generate_batch"] = f"{type(e).__name__}: {e}"[:500]
             print("generate_batch failed:", errors["hf_generate_batch"], flush=True)
             batch_on = False
-    for _ in range(args.repeats):  # interleaved
+    for i in range(args.repeats):  # interleaved
+        if i and time.perf_counter() > args.deadline:
+            print(f"W1: past --budget-s after {i} repeats", flush=True)
+            break
         rates["fleetlm"].append(run_fleetlm(engine, prompts, olen))
+        if eager is not None:
+            rates["fleetlm_enforce_eager"].append(run_fleetlm(eager, prompts, olen))
         rates["hf_generate"].append(run_hf_generate_on(hf, prompts, olen, device))
         if batch_on:
             sync(device)
@@ -683,9 +888,16 @@ def w1(args, device: torch.device, tmp: Path, state: dict) -> dict:
         "params": params,
         "workload": f"W1 {n}x{plen} prompt, {olen} out, greedy, ignore_eos",
         "warm_up": "full batch, 8 tokens, twice, each engine",
+        "repeats_run": len(rates["fleetlm"]),
         "output_tok_s": med,
         "output_tok_s_runs": rates,
         "fleetlm_vs_generate": med["fleetlm"] / med["hf_generate"],
+        "fleetlm_enforce_eager_vs_generate": (
+            med["fleetlm_enforce_eager"] / med["hf_generate"]
+            if med["fleetlm_enforce_eager"]
+            else None
+        ),
+        "graph_stats": graph_stats(engine),
         "errors": errors,
         "measured_bandwidth_gb_s": bw,
         "measured_bf16_tflops": tf,
@@ -728,26 +940,40 @@ def profile_decode_step(args, device: torch.device, tmp: Path, state: dict) -> d
     # 2. Phases, with a device sync at each boundary (device work lands in its own phase).
     phases: dict[str, list[float]] = {}
     restore = []
+    depth = [0]
 
     def timed(obj, attr: str, label: str) -> None:
-        fn = getattr(obj, attr)
+        fn = getattr(obj, attr, None)
+        if obj is None or fn is None or not callable(fn):
+            return  # this engine has no such phase (e.g. the other model path's)
 
         def wrapper(*a, **k):
+            if depth[0]:  # inside another timed phase: counted there
+                return fn(*a, **k)
+            depth[0] += 1
             sync(device)
             t0 = time.perf_counter()
             try:
                 return fn(*a, **k)
             finally:
                 sync(device)
+                depth[0] -= 1
                 phases.setdefault(label, []).append((time.perf_counter() - t0) * 1e3)
 
+        restore.append((obj, attr, obj.__dict__.get(attr)))
         setattr(obj, attr, wrapper)
-        restore.append((obj, attr))
 
+    runner = engine.runner
     timed(engine.scheduler, "schedule", "schedule")
-    timed(engine.runner, "prepare", "prepare inputs (host flatten + copies)")
-    timed(engine.runner.model, "forward", "model forward (device, synced)")
-    timed(engine.sampler, "sample", "sample (argmax + .tolist())")
+    timed(runner, "prepare", "prepare inputs (transformers path: host flatten + copies)")
+    timed(runner, "prepare_decode", "fill decode buffers (host)")
+    timed(runner, "_prepare_own", "prepare inputs (own path, non-decode step)")
+    timed(runner, "decode_hook", "decode forward (pad, copy, graph replay or eager; synced)")
+    timed(runner, "run_decode_static", "decode forward, eager (synced)")
+    timed(runner.model, "forward", "model forward (synced)")
+    timed(runner.model, "compute_logits", "LM head")
+    timed(engine.sampler, "sample_step", "sample (+ device-to-host copy)")
+    timed(engine.sampler, "sample", "sample (+ device-to-host copy)")
     timed(engine.scheduler, "update", "scheduler update")
     split_walls = []
     try:
@@ -758,8 +984,11 @@ def profile_decode_step(args, device: torch.device, tmp: Path, state: dict) -> d
             sync(device)
             split_walls.append((time.perf_counter() - t) * 1e3)
     finally:
-        for obj, attr in restore:
-            delattr(obj, attr)  # the instance attribute goes; the class method shows again
+        for obj, attr, own in reversed(restore):
+            if own is None:
+                delattr(obj, attr)  # the instance attribute goes; the class method shows again
+            else:
+                setattr(obj, attr, own)
     phase_ms = {k: statistics.median(v) for k, v in phases.items()}
     phase_ms["rest of step (outputs, detokenize, bookkeeping)"] = statistics.median(
         split_walls
@@ -815,6 +1044,7 @@ def profile_decode_step(args, device: torch.device, tmp: Path, state: dict) -> d
                 "device_copy_ms_per_step": copy_us / 1e3 / steps,
                 "device_ops_per_step": len(dev_events) / steps,
                 "cpu_ops_per_step": (len(events) - len(dev_events)) / steps,
+                "device_busy_share": device_ms / wall if device_ms else None,
                 "device_idle_share_estimate": (1 - device_ms / wall) if device_ms else None,
                 "top_device_ops": [
                     {
