@@ -223,7 +223,8 @@ def test_api_key_errors():
     assert (3, "api_keys[0]", "sha256 must be 64 lower-case hex digits") in errs
     assert (4, "api_keys[1]", "env must be an environment variable name, got 'NOT A VAR'") in errs
     assert (5, "api_keys[2]", "give exactly one of sha256 or env") in errs
-    assert (6, "api_keys[3].key", "unknown field; allowed: sha256, env") in errs
+    allowed = "sha256, env, requests_per_minute, tokens_per_minute"
+    assert (6, "api_keys[3].key", f"unknown field; allowed: {allowed}") in errs
 
 
 def test_response_cache_section_is_validated_in_place():
