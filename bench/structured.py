@@ -126,7 +126,13 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--warmup", type=int, default=20)
-    ap.add_argument("--plain-tokens", type=int, default=128)
+    ap.add_argument(
+        "--plain-tokens",
+        type=int,
+        default=None,
+        help="length of unconstrained requests (default: the constrained outputs' mean, so both "
+        "runs replace requests, and prefill, equally often)",
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--json", help="write results here")
     args = ap.parse_args()
@@ -145,9 +151,9 @@ def main() -> None:
     print("validity", json.dumps({k: v for k, v in res["validity"].items() if k != "failures"}))
     for f in res["validity"]["failures"][:5]:
         print("   failure", f)
-    loop = dict(
-        batch=args.batch, steps=args.steps, warmup=args.warmup, plain_tokens=args.plain_tokens
-    )
+    plain = args.plain_tokens or max(1, round(res["validity"]["mean_output_tokens"]))
+    res["plain_tokens"] = plain
+    loop = dict(batch=args.batch, steps=args.steps, warmup=args.warmup, plain_tokens=plain)
     for name, n in [("unconstrained", 0), ("half", args.batch // 2), ("all", args.batch)]:
         res[name] = closed_loop(engine, cases, num_constrained=n, **loop)
         print(name, json.dumps(res[name]))

@@ -23,6 +23,7 @@ nothing else, EOS is the only token left. Unconstrained requests are never looke
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import OrderedDict
 from typing import Any
@@ -101,6 +102,10 @@ class StructuredDecoding:
         self._ll_tokenizer: Any = None  # built on the first constrained request (~1 s at 150k)
         self._compiled: OrderedDict[str, Any] = OrderedDict()  # spec key -> fresh matcher
         self.matchers: dict[str, Any] = {}
+        # Mask-filling threads (Rust, GIL released); 1 on a small CPU host where the model's own
+        # threads use every core anyway.
+        self.num_threads = max(1, min(4, (os.cpu_count() or 1) // 4))
+        self._exec: Any = None
         self.mask_time_s = 0.0  # cumulative, for benchmarks
         self.mask_rows = 0
         self.compiles = 0
@@ -152,18 +157,28 @@ class StructuredDecoding:
         return request_id in self.matchers
 
     def fill_bitmask(self, request_ids: list[str]) -> torch.Tensor:
-        """[len(request_ids), ceil(V / 32)] int32 bitmask (bit t of the row: token t allowed)."""
+        """[len(request_ids), ceil(V / 32)] int32 bitmask (bit t of the row: token t allowed).
+        One call into llguidance's executor fills every row with the GIL released."""
         words = (self.vocab_size + 31) // 32
         mask = torch.empty((len(request_ids), words), dtype=torch.int32)
-        for i, rid in enumerate(request_ids):
-            m = self.matchers[rid]
-            row = mask[i]
-            m.unsafe_compute_mask_ptr(row.data_ptr(), words * 4)
+        matchers = [self.matchers[rid] for rid in request_ids]
+        self._executor().unsafe_compute_mask_ptr(
+            [(m, i) for i, m in enumerate(matchers)], mask.data_ptr(), words * 4, len(matchers)
+        )
+        for i, m in enumerate(matchers):
             if m.is_error():  # nothing valid is left: let only EOS end the request
+                row = mask[i]
                 row.zero_()
                 for t in self.eos_token_ids:
                     row[t // 32] |= _bit(t % 32)
         return mask
+
+    def _executor(self) -> Any:
+        if self._exec is None:
+            import llguidance
+
+            self._exec = llguidance.LLExecutor(num_threads=self.num_threads)
+        return self._exec
 
     def apply(self, logits: torch.Tensor, request_ids: list[str | None]) -> torch.Tensor:
         """``logits`` [N, V] with the constrained rows masked (a new tensor: the runner's logits
