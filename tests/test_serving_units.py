@@ -53,11 +53,18 @@ def test_chat_max_completion_tokens_wins_and_logprobs():
     s = req.sampling()
     assert s["max_tokens"] == 4 and s["logprobs"] == 2
     assert req.chat_messages()[0] == {"role": "system", "content": "be brief"}
-    with pytest.raises(APIError) as e:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as v:  # a tool without its function
         ChatCompletionRequest(
             model="m", messages=[{"role": "user", "content": "x"}], tools=[{"type": "function"}]
+        )
+    assert validation_error_to_api(v.value.errors()).param.startswith("tools")
+    with pytest.raises(APIError) as e:
+        ChatCompletionRequest(
+            model="m", messages=[{"role": "user", "content": "x"}], functions=[{"name": "f"}]
         ).sampling()
-    assert e.value.param == "tools"
+    assert e.value.param == "functions"
 
 
 def test_validation_error_names_field():
