@@ -47,6 +47,7 @@ import os
 import re
 import socket
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -109,7 +110,7 @@ def cluster_config(
     imbalance: int,
     engine: dict[str, Any],
     cpus_per_replica: float,
-    output_channels: bool = True,
+    engine_process: bool = True,
     ray_imbalanced_threshold: int | None = None,
 ) -> ClusterConfig:
     return ClusterConfig.model_validate(
@@ -121,6 +122,7 @@ def cluster_config(
                     "num_replicas": replicas,
                     "engine": engine,
                     "resources_per_replica": {"num_cpus": cpus_per_replica},
+                    "engine_process": engine_process,
                     # Every W2 prompt is unique, but keep the response cache out of the figures.
                     "caches": {"exact": {"enabled": False}},
                 }
@@ -129,7 +131,6 @@ def cluster_config(
                 "policy": policy,
                 "imbalance": imbalance,
                 "stats_period_s": 1.0,
-                "output_channels": output_channels,
                 "ray_imbalanced_threshold": ray_imbalanced_threshold,
             },
             "http": {"host": "127.0.0.1", "port": port},
@@ -304,7 +305,7 @@ def run_w2(args: argparse.Namespace, port: int) -> tuple[dict[str, Any], dict[st
 
 
 def run_w1_fleetlm(
-    args: argparse.Namespace, port: int, output_channels: bool = True, direct_port: int = 0
+    args: argparse.Namespace, port: int, engine_process: bool = True, direct_port: int = 0
 ) -> dict:
     """W1 ``--w1-repeats`` times on one deployed replica: {"median": tok/s, "runs": [...]}."""
     # The same cores as the vLLM peer: Ray sets a replica's OMP_NUM_THREADS from its num_cpus, and
@@ -318,9 +319,9 @@ def run_w1_fleetlm(
         args.imbalance,
         engine,
         float(args.w1_threads),
-        output_channels=output_channels,
+        engine_process=engine_process,
     )
-    how = "output channels" if output_channels else "one stream per request"
+    how = "engine core process" if engine_process else "engine thread in the replica"
     if direct_port:
         how += ", direct ingress"
     print(f"\n== W1 over HTTP: fleetlm, 1 replica, {args.w1_threads} CPUs / torch threads, {how}")
@@ -344,6 +345,49 @@ def run_w1_fleetlm(
         print(f"   fleetlm W1: {res.output_throughput:.0f} output tok/s ({res.failed} failed)")
         runs.append(res.output_throughput)
     undeploy()
+    return {"median": statistics.median(runs), "runs": runs}
+
+
+_OFFLINE_W1 = """
+import json, statistics, sys, time
+from cluster.bench.workloads import make_workload
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
+model, threads, repeats, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+eng = LLMEngine(EngineConfig(model=model, max_num_seqs=64, num_threads=threads))
+wl = make_workload("W1", seed=seed)
+prompts = [r.prompt for r in wl.requests]
+params = [
+    SamplingParams(temperature=0, max_tokens=r.max_tokens, ignore_eos=True) for r in wl.requests
+]
+eng.generate(prompts, params)  # unmeasured, as for the servers
+runs = []
+for _ in range(repeats):
+    t = time.perf_counter()
+    out = eng.generate(prompts, params)
+    runs.append(sum(len(o.token_ids) for o in out) / (time.perf_counter() - t))
+print(json.dumps(runs))
+"""
+
+
+def run_w1_offline(args: argparse.Namespace) -> dict:
+    """The same engine, config, prompts and cores with no server: LLMEngine.generate in a process
+    of its own (torch threads as the replica's)."""
+    print(f"\n== W1 offline: fleetlm LLMEngine.generate, {args.w1_threads} torch threads")
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.w1_threads))
+    cmd = [sys.executable, "-c", _OFFLINE_W1, args.model, str(args.w1_threads)]
+    wait_for_quiet()
+    out = subprocess.run(
+        cmd + [str(args.w1_repeats), str(args.seed)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    runs = json.loads(out.stdout.strip().splitlines()[-1])
+    for r in runs:
+        print(f"   fleetlm offline W1: {r:.0f} output tok/s")
     return {"median": statistics.median(runs), "runs": runs}
 
 
@@ -584,6 +628,10 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
         t["hit_rate_target_met"] = t["hit_rate_ratio_vs_pow2"] >= 2.0
         t["ttft_target_met"] = t["mean_ttft_ratio_vs_pow2"] <= 0.6
     w1 = result.get("W1_http", {})
+    if w1.get("fleetlm") and w1.get("fleetlm_offline"):
+        t["w1_served_over_offline"] = w1["fleetlm"] / w1["fleetlm_offline"]
+        if w1.get("fleetlm_engine_thread"):
+            t["w1_engine_thread_over_offline"] = w1["fleetlm_engine_thread"] / w1["fleetlm_offline"]
     if w1.get("fleetlm") and w1.get("vllm"):
         t["w1_ratio_vs_vllm"] = w1["fleetlm"] / w1["vllm"]
         t["w1_target_met"] = t["w1_ratio_vs_vllm"] >= 1.0
@@ -643,9 +691,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "throughput-optimized mode; the client talks to the ingress replica's own port)",
     )
     p.add_argument(
-        "--w1-per-request-streams",
+        "--w1-engine-thread",
         action="store_true",
-        help="also run W1 with router.output_channels off (one Ray stream per request)",
+        help="also run W1 with engine_process off (the engine loop on a thread of the replica)",
     )
     p.add_argument("--vllm-python", help="Python of a venv with vLLM's CPU build (W1 peer)")
     p.add_argument(
@@ -740,10 +788,10 @@ def main(argv: list[str] | None = None) -> int:
             w1 = run_w1_fleetlm(args, port)
             result["W1_http"] = {"fleetlm": w1["median"], "vllm": None}
             runs["fleetlm"] = w1["runs"]
-            if args.w1_per_request_streams:
-                w1 = run_w1_fleetlm(args, port, output_channels=False)
-                result["W1_http"]["fleetlm_per_request_streams"] = w1["median"]
-                runs["fleetlm_per_request_streams"] = w1["runs"]
+            if args.w1_engine_thread:
+                w1 = run_w1_fleetlm(args, port, engine_process=False)
+                result["W1_http"]["fleetlm_engine_thread"] = w1["median"]
+                runs["fleetlm_engine_thread"] = w1["runs"]
         if not args.skip_w2:
             result["W2"], result["W2_setup"] = run_w2(args, port)
     finally:
@@ -766,6 +814,10 @@ def main(argv: list[str] | None = None) -> int:
             ray.shutdown()
             os.environ.clear()
             os.environ.update(saved)
+    if not args.skip_w1:
+        w1 = run_w1_offline(args)
+        result["W1_http"]["fleetlm_offline"] = w1["median"]
+        runs["fleetlm_offline"] = w1["runs"]
     if not args.skip_w1 and args.vllm_python:
         w1 = run_w1_vllm(args)
         result["W1_http"]["vllm"] = w1["median"]

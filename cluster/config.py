@@ -14,7 +14,6 @@ import os
 import re
 import types
 import typing
-from dataclasses import fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cluster.cli import CLIError
+from cluster.engine_options import EngineOptions
 from cluster.yaml_source import compose_mapping, format_problems, locate
 from deployments.response_cache.config import CacheConfig  # Ray-free pydantic schema
 from engine.config import EngineConfig
@@ -30,7 +30,6 @@ DEMO_MODELS = ("demo", "demo-small")
 # OpenAI model ids may carry an organisation ("org/name"); no spaces or shell-special characters.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-_MODEL_LEVEL = ("model", "tensor_parallel_size")  # set on ModelConfig, not in engine
 _ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -86,10 +85,10 @@ class ModelConfig(_Strict):
         "demo",
         description="'demo', 'demo-small' (embedded, built locally) or a local HF model folder.",
     )
-    engine: dict[str, Any] = Field(
-        default_factory=dict,
-        description="Engine options (engine.config.EngineConfig fields except model and "
-        "tensor_parallel_size), e.g. {max_num_seqs: 32, num_kv_blocks: 512, dtype: float32}.",
+    engine: EngineOptions = Field(
+        default_factory=EngineOptions,
+        description="Engine options of this model's replicas (cluster/engine_options.py), e.g. "
+        "{max_num_seqs: 32, num_kv_blocks: 512, dtype: float32}.",
     )
     num_replicas: int | None = Field(
         None, ge=1, description="Fixed replica count; leave out when autoscaling is given."
@@ -140,24 +139,6 @@ class ModelConfig(_Strict):
             raise ValueError("must be 'demo', 'demo-small' or a local HF model folder")
         return v
 
-    @field_validator("engine")
-    @classmethod
-    def _engine(cls, v: dict[str, Any]) -> dict[str, Any]:
-        # Messages start with "OPTION: " so _describe can point at that option's own line.
-        for owned in ("model", "tensor_parallel_size"):
-            if owned in v:
-                raise ValueError(f"{owned}: set it on the model entry, not inside engine")
-        allowed = [f.name for f in fields(EngineConfig) if f.name not in _MODEL_LEVEL]
-        for key in v:
-            if key not in allowed:
-                raise ValueError(f"{key}: unknown engine option; allowed: {', '.join(allowed)}")
-        try:
-            EngineConfig.from_dict(v)
-        except (ValueError, TypeError) as e:
-            bad = next((k for k in v if str(e).startswith(k)), None)
-            raise ValueError(f"{bad}: {e}" if bad else str(e)) from None
-        return v
-
     @model_validator(mode="after")
     def _replicas(self) -> ModelConfig:
         if self.num_replicas is not None and self.autoscaling is not None:
@@ -184,9 +165,7 @@ class ModelConfig(_Strict):
 
     def engine_config(self) -> EngineConfig:
         """The EngineConfig one replica builds (model path as written; resolved on the replica)."""
-        return EngineConfig.from_dict(
-            {**self.engine, "model": self.model, "tensor_parallel_size": self.tensor_parallel_size}
-        )
+        return self.engine.engine_config(self.model, self.tensor_parallel_size)
 
     def initial_replicas(self) -> int:
         if self.autoscaling is None:

@@ -12,19 +12,13 @@ the rendered file stays readable.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from cluster.config import ClusterConfig
+from deployments.names import server_name
 
 APP_NAME = "fleetlm"
 IMPORT_PATH = "deployments.app:app_builder"
-INGRESS_DEPLOYMENT = "OpenAIIngress"
-
-
-def llm_deployment_name(model_name: str) -> str:
-    """Deployment name of a model's replicas: deployments.app.server_name's scheme (tested)."""
-    return "LLMServer-" + re.sub(r"[^A-Za-z0-9._-]", "_", model_name)
 
 
 def render_serve_config(
@@ -42,7 +36,7 @@ def render_serve_config(
     deployments: list[dict[str, Any]] = []
     for m in cfg.models:
         if m.autoscaling is None:
-            name = llm_deployment_name(m.name)
+            name = server_name(m.name)
             deployments.append({"name": name, "num_replicas": m.num_replicas})
     app: dict[str, Any] = {
         "name": app_name,

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from ray import serve
@@ -16,18 +15,13 @@ from cluster.config import ClusterConfig, ModelConfig
 from deployments.autoscaling_policy import GRACEFUL_SHUTDOWN_OPTIONS, serve_autoscaling_config
 from deployments.ingress import OpenAIIngress
 from deployments.llm_server import LLMServer
+from deployments.names import INGRESS_NAME, server_name
 
-INGRESS_NAME = "OpenAIIngress"
 ROUTER_CLASS = "deployments.request_router:PrefixAwareRouter"
 RAY_ROUTER_CLASS = "deployments.ray_prefix_router:RayPrefixAffinityRouter"  # comparison peer
 # Ongoing streams one ingress replica holds; each costs a coroutine, not a thread.
 INGRESS_MAX_ONGOING = 2048
 CHANNEL_SLOTS = 4  # per model replica: room for the ingress replicas' output channels
-
-
-def server_name(model_name: str) -> str:
-    """Deployment name of a model's replicas (Serve names can't hold '#'; keep them path-safe)."""
-    return "LLMServer-" + re.sub(r"[^A-Za-z0-9._-]", "_", model_name)
 
 
 def router_config(cfg: ClusterConfig, mc: ModelConfig) -> RequestRouterConfig:

@@ -27,6 +27,7 @@ from ray.serve.config import AutoscalingContext
 
 from autoscaling.decide import Params, ReplicaLoad, Snapshot, State, decide
 from autoscaling.policy_file import Policy
+from deployments.names import model_of
 
 logger = logging.getLogger("ray.serve")
 
@@ -37,7 +38,6 @@ HISTORY_LEN = 200  # decisions kept per deployment
 REFRESH_S = 1.0  # policy re-read period in the controller
 HISTORY_FLUSH_S = 2.0  # unchanged-count entries are written at most this often
 STATE_KEY = "fleetlm"  # our part of Serve's policy_state dict
-LLM_DEPLOYMENT_PREFIX = "LLMServer-"  # cluster/serve_config.llm_deployment_name
 
 # Deployment options the replica deployment needs so a scale-down drains instead of cutting
 # streams: Serve stops routing to a replica chosen for removal, then waits until its ongoing
@@ -135,7 +135,7 @@ class FleetlmPolicy:
                 self.history = get_history(ctx.deployment_name).get(ctx.deployment_name, [])
             except Exception:  # no store (unit tests) or GCS hiccup: start a fresh history
                 self.history = []
-        model = self.model or _model_of(ctx.deployment_name)
+        model = self.model or model_of(ctx.deployment_name)
         params = _within_serve_bounds(self.policy.params_for(model), ctx)
         snap = snapshot_from_context(ctx, now)
         state = State.from_dict(ctx.policy_state.get(STATE_KEY))
@@ -194,7 +194,7 @@ class FleetlmPolicy:
             from deployments.metrics import get_metrics
 
             m = get_metrics()
-            model = self.model or _model_of(ctx.deployment_name)
+            model = self.model or model_of(ctx.deployment_name)
             m.set("replicas_current", ctx.current_num_replicas, model=model)
             m.set("replicas_target", n, model=model)
             m.set("autoscaling_queue_depth", snap.load, model=model)
@@ -259,9 +259,3 @@ def _within_serve_bounds(p: Params, ctx: AutoscalingContext) -> Params:
     if (lo, hi) == (p.min_replicas, p.max_replicas):
         return p
     return replace(p, min_replicas=lo, max_replicas=hi)
-
-
-def _model_of(deployment_name: str) -> str:
-    if deployment_name.startswith(LLM_DEPLOYMENT_PREFIX):
-        return deployment_name[len(LLM_DEPLOYMENT_PREFIX) :]
-    return deployment_name

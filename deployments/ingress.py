@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.ingress_metrics import RequestTimer, rt_metrics
 from deployments.limits import BodySizeLimit, Limits, check_request
+from deployments.metrics import prometheus_text
 from deployments.model_runtime import ModelRuntime, load_runtime
 from deployments.openai_format import (
     SSE_DONE,
@@ -103,10 +104,6 @@ class OpenAIIngress:
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics(self) -> PlainTextResponse:
-        try:
-            from deployments.metrics import prometheus_text
-        except ModuleNotFoundError:
-            return PlainTextResponse("", media_type="text/plain; version=0.0.4")
         return PlainTextResponse(await prometheus_text(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models", responses=AUTH_ERRORS)

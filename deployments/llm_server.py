@@ -35,7 +35,6 @@ from deployments.protocol import APIError
 from engine.async_engine import EngineClient, EngineDeadError
 from engine.config import EngineConfig
 from engine.outputs import RequestOutput
-from engine.request_checks import RequestError, param_of
 from engine.sampling_params import SamplingParams
 from router.replica_stats import ReplicaCacheTracker
 
@@ -78,10 +77,8 @@ def choice_params(sampling: dict[str, Any], n: int) -> list[SamplingParams]:
 
 def api_error(e: BaseException, rid: str) -> APIError:
     """The client's view of an engine error: bad input is a 400 naming the field, the rest 500."""
-    if isinstance(e, RequestError):
-        return APIError(400, str(e), param=e.param, code=e.code)
-    if isinstance(e, ValueError | TypeError):
-        return APIError(400, str(e), param=param_of(e))  # type: ignore[arg-type]
+    if isinstance(e, ValueError | TypeError):  # RequestError, GrammarError: typed field and code
+        return APIError(400, str(e), param=getattr(e, "param", None), code=getattr(e, "code", None))
     if isinstance(e, EngineDeadError):
         return APIError(503, f"engine stopped (request {rid}); retry", type="server_error")
     return APIError(500, f"engine error in request {rid}", type="server_error")

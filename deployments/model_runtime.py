@@ -12,7 +12,8 @@ from typing import Any
 
 from deployments.protocol import APIError, bad_request
 from deployments.tool_calls import parser_for_template
-from engine.request_checks import RequestError, check_prompt, model_max_len
+from engine.errors import RequestError
+from engine.request_checks import check_prompt, model_max_len
 
 logger = logging.getLogger("ray.serve")
 

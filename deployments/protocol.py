@@ -66,12 +66,6 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, param=param, code=code)
 
 
-def param_from_message(message: str) -> str | None:
-    """SamplingParams errors start with the field name ("top_p must be ..."): recover it."""
-    head = message.split(" ", 1)[0]
-    return head if head.isidentifier() else None
-
-
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
@@ -159,8 +153,8 @@ def check_sampling(d: dict[str, Any]) -> SamplingParams:
     """Build SamplingParams from a dict; its ValueError becomes a 400 naming the field."""
     try:
         return SamplingParams(**d)
-    except (ValueError, TypeError) as e:
-        raise bad_request(str(e), param_from_message(str(e))) from None
+    except (ValueError, TypeError) as e:  # RequestError and the like carry the field
+        raise bad_request(str(e), getattr(e, "param", None)) from None
 
 
 class CompletionRequest(_SamplingFields):

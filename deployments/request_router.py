@@ -33,6 +33,7 @@ from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
+from deployments.metrics import get_metrics
 from router.prefix_index import DEFAULT_ASSUMED_TTL_S
 from router.registry import DEFAULT_POLICY, make_policy
 from router.router_state import RouterState
@@ -84,22 +85,14 @@ class _Counter:
         self.model = model
         self.policy = policy
         self.counts: dict[str, int] = {}
-        try:
-            from deployments.metrics import get_metrics
-
-            self._metrics: Any = get_metrics()
-        except ImportError:  # metrics module absent: local counts only
-            self._metrics = None
+        self._metrics = get_metrics()
 
     def inc(self, reason: str) -> None:
         self.counts[reason] = self.counts.get(reason, 0) + 1
-        if self._metrics is not None:
-            try:
-                self._metrics.inc(
-                    DECISIONS_METRIC, model=self.model, policy=self.policy, reason=reason
-                )
-            except Exception:  # a metrics failure must never fail routing
-                logger.exception("fleetlm router: recording %s failed", DECISIONS_METRIC)
+        try:
+            self._metrics.inc(DECISIONS_METRIC, model=self.model, policy=self.policy, reason=reason)
+        except Exception:  # a metrics failure must never fail routing
+            logger.exception("fleetlm router: recording %s failed", DECISIONS_METRIC)
 
 
 class PrefixAwareRouter(RequestRouter):

@@ -114,10 +114,6 @@ class BlockManager:
     def num_free_blocks(self) -> int:
         return len(self.free_queue) + len(self.protected_queue)
 
-    @property
-    def usage(self) -> float:
-        return 1.0 - self.num_free_blocks / self.num_blocks
-
     def get_computed_blocks(self, req: Request) -> list[Block]:
         """Leading blocks of ``req`` already in the cache (not yet referenced by ``req``).
 

@@ -1,7 +1,15 @@
 """Incremental detokenizer with stop strings.
 
-Text is emitted only when the decoded tail no longer ends in U+FFFD (an unfinished multi-byte
-character), so a character is never cut in half. While stop strings are set, the last
+Invariant (tests/test_detokenizer.py checks it on random token sequences): the concatenation of
+every text ``add`` returns for a request equals ``tokenizer.decode(ids, skip_special_tokens=...)``
+of all its ids, cut at the first match of a stop string (the stop string kept only with
+``include_stop_str``).
+
+How: each call decodes a window of the last tokens (``prefix_offset`` onwards, which holds the
+previously emitted tokens as context) and emits what it adds beyond the previous window's text.
+While the window's text ends in U+FFFD (a multi-byte character whose bytes have not all arrived)
+nothing is emitted, so a character is never cut in half; at the finish the tail is emitted as it
+decodes (U+FFFD included, as ``decode`` gives it). While stop strings are set, the last
 ``len(longest stop) - 1`` characters are held back so a stop string is never streamed in part.
 """
 
@@ -26,28 +34,32 @@ class IncrementalDetokenizer:
         self.read_offset = 0
         self.text = ""  # all decoded text so far
         self.emitted = 0  # chars of self.text already returned
+        self.stopped = False
 
     def _decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=self.skip)
 
     def add(self, new_ids: list[int], finished: bool) -> tuple[str, bool]:
-        """Feed sampled tokens; returns (new text to emit, hit_stop_string)."""
+        """Feed sampled tokens; returns (new text to emit, hit_stop_string). ``finished``: no
+        token follows, so an unfinished character's bytes are emitted as they decode."""
+        if self.stopped:
+            return "", True
         self.ids.extend(new_ids)
         prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
         full = self._decode(self.ids[self.prefix_offset :])
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+        if len(full) > len(prefix) and (finished or not full.endswith("\ufffd")):
             self.text += full[len(prefix) :]
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         hit = False
         if self.stop:
             lo = max(0, self.emitted - self.hold)
-            best = -1
+            best, hit_s = -1, ""
             for s in self.stop:
                 j = self.text.find(s, lo)
                 if j != -1 and (best == -1 or j < best):
                     best, hit_s = j, s
             if best != -1:
-                hit = True
+                hit = self.stopped = True
                 self.text = self.text[: best + (len(hit_s) if self.include_stop else 0)]
         end = len(self.text) if (finished or hit or not self.stop) else len(self.text) - self.hold
         end = max(end, self.emitted)
@@ -56,10 +68,6 @@ class IncrementalDetokenizer:
         return delta, hit
 
     def flush(self) -> str:
-        """Everything still held back (the request finished for a reason other than a stop
-        string)."""
-        if self.text.endswith("\ufffd"):
-            self.text = self.text.rstrip("\ufffd")
-        delta = self.text[self.emitted :]
-        self.emitted = len(self.text)
-        return delta
+        """Everything not yet emitted: the request finished (a stop token, max_tokens, an
+        abort) after the last ``add`` that was not told so."""
+        return self.add([], finished=True)[0]

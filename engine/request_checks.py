@@ -10,19 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from engine.errors import RequestError
 from engine.sampling_params import SamplingParams
-
-
-class RequestError(ValueError):
-    """Bad input: ``param`` names the request field at fault, ``code`` is OpenAI's error code."""
-
-    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
-        self.code = code
-
-    def __reduce__(self):  # crosses the engine-core process boundary intact
-        return (RequestError, (str(self), self.param, self.code))
 
 
 @dataclass(frozen=True)
@@ -66,26 +55,11 @@ def check_prompt(
         )
 
 
-def param_of(error: ValueError) -> str | None:
-    """SamplingParams errors start with the field's name ("top_p must be ...")."""
-    head = str(error).split(" ", 1)[0]
-    return head if head.isidentifier() else None
-
-
-def check_params(params: SamplingParams) -> None:
-    try:
-        params.validate()
-    except RequestError:
-        raise
-    except ValueError as e:
-        raise RequestError(str(e), param_of(e)) from None
-
-
 def check_request(ids: list[int], params: SamplingParams, limits: RequestLimits) -> None:
     """Everything the engine needs of one request; raises RequestError naming the field."""
     if not isinstance(params, SamplingParams):
         raise RequestError("params must be a SamplingParams")
-    check_params(params)
+    params.validate()
     check_prompt(ids, params.max_tokens, limits.vocab_size, limits.max_model_len)
     n = len(ids)
     total = n + (params.max_tokens or limits.max_model_len - n)

@@ -112,7 +112,6 @@ class TPGroup:
             0.0  # time in tensor all-reduces (includes waiting for the slowest shard)
         )
         self.broadcast_s = 0.0  # time in per-step control broadcasts
-        self.num_allreduces = 0
 
     @property
     def comm_s(self) -> float:
@@ -143,7 +142,6 @@ class TPGroup:
         t0 = time.perf_counter()
         self.tensor.allreduce([t]).wait()
         self.allreduce_s += time.perf_counter() - t0
-        self.num_allreduces += 1
         return t
 
     def broadcast_object(self, obj: object = None) -> object:

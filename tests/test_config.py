@@ -149,17 +149,52 @@ def test_unknown_engine_option_points_at_the_option():
     text = "models:\n  - name: m\n    engine:\n      max_num_seqs: 4\n      max_seqs: 8\n"
     line, field, msg = one_error(text)
     assert (line, field) == (5, "models[0].engine.max_seqs")
-    assert msg.startswith("unknown engine option; allowed: dtype, device, max_model_len")
+    assert msg.startswith("unknown field; allowed: dtype, device, max_model_len")
     assert "model," not in msg.split("allowed:")[1].replace("max_model_len", "")
 
 
-def test_bad_engine_value_is_reported_by_engine_config_at_its_line():
+def test_bad_engine_value_is_reported_at_its_line():
     text = "models:\n  - name: m\n    engine:\n      block_size: 16\n      max_num_seqs: 0\n"
     assert one_error(text) == (
         5,
         "models[0].engine.max_num_seqs",
-        "max_num_seqs must be a positive integer, got 0",
+        "Input should be greater than or equal to 1",
     )
+
+
+@pytest.mark.parametrize(
+    "spec,line,field,needle",
+    [
+        ("{method: ngram, num_tokns: 3}", 4, "models[0].engine.speculative.num_tokns", "unknown"),
+        ("{method: medusa}", 4, "models[0].engine.speculative.method", "'ngram'"),
+        ("{method: ngram, num_tokens: 40}", 4, "models[0].engine.speculative.num_tokens", "16"),
+        ("{method: draft_model}", 4, "models[0].engine.speculative", "speculative.model"),
+        ("{method: ngram, ngram_min: 5}", 4, "models[0].engine.speculative", "ngram_min"),
+    ],
+)
+def test_speculative_is_checked_in_the_cluster_file(spec, line, field, needle):
+    text = f"models:\n  - name: m\n    engine:\n      speculative: {spec}\n"
+    got = one_error(text)
+    assert got[:2] == (line, field) and needle in got[2], got
+
+
+def test_speculative_reaches_the_engine_config():
+    cfg = parse_cluster_config(
+        "models:\n  - name: m\n    engine: {speculative: {method: ngram, num_tokens: 3}}\n"
+    )
+    spec = cfg.models[0].engine_config().speculative
+    assert spec["method"] == "ngram" and spec["num_tokens"] == 3
+
+
+def test_engine_schema_covers_every_engine_config_field():
+    from dataclasses import fields
+
+    from cluster.engine_options import MODEL_LEVEL, EngineOptions
+
+    dataclass_fields = {f.name for f in fields(EngineConfig)} - set(MODEL_LEVEL)
+    assert set(EngineOptions.model_fields) == dataclass_fields
+    for name, f in EngineOptions.model_fields.items():
+        assert f.description, name
 
 
 def test_model_inside_engine_is_refused():

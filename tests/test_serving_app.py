@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from cluster.config import ClusterConfig
-from deployments.app import CHANNEL_SLOTS, app_builder, server_name, server_options
+from deployments.app import CHANNEL_SLOTS, app_builder, server_options
+from deployments.names import server_name
 
 
 def _cfg(**model):
