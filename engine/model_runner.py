@@ -32,6 +32,7 @@ import torch
 from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM
 
 from engine.config import EngineConfig
+from engine.cuda_graph import DecodeGraphRunner
 from engine.models import build_model, unsupported_reason
 from engine.models.attention import AttentionMetadata, FreshChunk, PagedAttention
 from engine.outputs import RunnerOutput, SchedulerOutput
@@ -163,6 +164,13 @@ class ModelRunner:
             from engine.cpu_kernels import paged_decode_kernel
 
             self.decode_kernel = paged_decode_kernel()
+        self.graph_runner: DecodeGraphRunner | None = None
+        single = tp_group is None or tp_group.size == 1  # graphs around NCCL calls: not here
+        if self.own and self.device.type == "cuda" and single and not config.enforce_eager:
+            seconds = self.use_decode_graphs(True).capture()
+            logger.info(
+                "decode CUDA graphs for batch sizes %s: %.1f s", self.graph_runner.buckets, seconds
+            )
         logger.info(
             "loaded %s (%s, %s, %s): %d KV blocks of %d tokens (%.1f MiB)",
             model_path,
@@ -244,6 +252,27 @@ class ModelRunner:
         for b in (self.input_ids, self.positions, self.slot_mapping, self.seq_lens):
             b.sync(num_padded)
         self.block_tables.sync(num_padded)
+
+    def use_decode_graphs(self, use_graphs: bool) -> DecodeGraphRunner:
+        """Decode-only steps go through engine/cuda_graph.py from now on: padded to their
+        batch-size bucket, then a replayed CUDA graph (``use_graphs`` on CUDA) or an eager
+        ``run_decode_static`` of the bucket. Call ``capture()`` on the result before serving."""
+        gr = DecodeGraphRunner(
+            self.run_decode_static,
+            self._pad_and_sync_decode,
+            self.max_seqs,
+            self.device,
+            use_graphs,
+            # A graph reads the addresses it was captured with: buffers or a rotary table
+            # reallocated since then mean recapturing.
+            buffers_key=lambda: (self.input_ids.dev.data_ptr(), self.model.rotary.cos.data_ptr()),
+        )
+        self.graph_runner = self.decode_hook = gr
+        return gr
+
+    def _pad_and_sync_decode(self, num_real: int, num_padded: int) -> None:
+        self.pad_decode(num_real, num_padded)
+        self.sync_decode(num_padded)
 
     def decode_metadata(self, num_padded: int) -> AttentionMetadata:
         meta = self._decode_meta.get(num_padded)

@@ -174,3 +174,38 @@ def test_enforce_eager_option():
     assert EngineConfig.from_dict({"enforce_eager": True}).enforce_eager is True
     with pytest.raises(ValueError, match="enforce_eager"):
         EngineConfig(enforce_eager="yes")
+
+
+def test_engine_decode_through_the_graph_runner_equals_plain_decode(tmp_path):
+    """The model runner's decode steps padded to buckets by DecodeGraphRunner (eager on CPU: the
+    path CUDA replays) give the same greedy tokens as its plain decode; batches of 3 and 5
+    requests pad to 4 and 8, and requests finishing at different steps shrink the batch."""
+    from tiny_models import tiny_qwen2
+
+    from engine.llm_engine import LLMEngine
+    from engine.sampling_params import SamplingParams
+
+    path = tiny_qwen2(tmp_path / "m")
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(10, 4000, (n,), generator=g).tolist() for n in (5, 40, 17, 3, 64)]
+    params = [
+        SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (9, 3, 12, 6, 7)
+    ]
+
+    def run(graph_runner: bool):
+        eng = LLMEngine(EngineConfig(model=path, max_num_seqs=8))
+        assert eng.runner.own and eng.runner.graph_runner is None  # CPU: plain decode
+        sizes = []
+        if graph_runner:
+            gr = eng.runner.use_decode_graphs(True)
+            assert not gr.use_graphs  # no CUDA here: eager over the padded buffers
+            forward = gr.forward
+            gr.forward = lambda b: sizes.append(b) or forward(b)
+        tokens = [r.token_ids for r in eng.generate(prompts[:3], params[:3])]
+        tokens += [r.token_ids for r in eng.generate(prompts, params)]
+        return tokens, sizes
+
+    want, _ = run(False)
+    got, sizes = run(True)
+    assert got == want
+    assert 4 in sizes and 8 in sizes and set(sizes) <= {1, 2, 4, 8}
