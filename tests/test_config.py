@@ -142,7 +142,7 @@ def test_bad_enum_value_says_what_is_allowed():
 def test_router_policy_error():
     line, field, msg = one_error("models: [{name: m}]\nrouter:\n  policy: fastest\n")
     assert (line, field) == (3, "router.policy")
-    assert "'prefix_aware', 'pow2', 'round_robin' or 'session'" in msg
+    assert "'prefix_aware', 'pow2', 'round_robin', 'session' or 'ray_prefix_affinity'" in msg
 
 
 def test_unknown_engine_option_points_at_the_option():
