@@ -218,6 +218,15 @@ def test_prefix_aware_affinity_balance_cold():
     assert pol.choose([], [a, b, c])[1] == "cold"
 
 
+def test_prefix_aware_default_imbalance_is_32_requests():
+    h = block_hashes(prompt(1, 1), BS)
+    pol = PrefixAwarePolicy()
+    assert pol.imbalance == 32
+    for home_load, expected in ((32, ("b", "affinity")), (33, ("a", "balance"))):
+        a, b = view("a", 0), view("b", home_load, h)
+        assert pol.choose(h, [a, b]) == expected
+
+
 def test_prefix_aware_ties_on_match_go_to_least_loaded_and_min_match():
     h = block_hashes(prompt(1, 1), BS)
     a, b, c = view("a", 2, h[:2]), view("b", 1, h[:2]), view("c", 0)
