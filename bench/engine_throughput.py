@@ -3,6 +3,7 @@
 In one run, on the same model and prompts: fleetlm's LLMEngine, transformers' static ``generate()``,
 transformers' continuous batching ``generate_batch()``, and vLLM's CPU build when ``--vllm-python``
 names a Python that has it (run offline in a subprocess, one engine at a time on the same cores).
+W1 runs in float32 for all, then again in bfloat16 for fleetlm and vLLM ("W1_bf16").
 
     python bench/engine_throughput.py --json out/engine.json [--repeats 3] [--vllm-python PY]
 
@@ -33,8 +34,9 @@ import json, sys, time
 from vllm import LLM, SamplingParams, TokensPrompt
 if __name__ == "__main__":
     model, prompts_path, out_path, repeats = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    dtype = sys.argv[5]
     prompts = json.load(open(prompts_path))
-    llm = LLM(model=model, dtype="float32", enable_prefix_caching=False, max_model_len=2048)
+    llm = LLM(model=model, dtype=dtype, enable_prefix_caching=False, max_model_len=2048)
     sp = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
     llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts[:4]], sp, use_tqdm=False)
     rates = []
@@ -101,7 +103,9 @@ def run_hf_generate_batch(model, prompts, out_len: int) -> float:
     return n / dt
 
 
-def run_vllm(python: str, model: str, prompts, repeats: int) -> float | None:
+def run_vllm(
+    python: str, model: str, prompts, repeats: int, dtype: str = "float32"
+) -> float | None:
     with tempfile.TemporaryDirectory() as d:
         script, pp, op = (os.path.join(d, f) for f in ("v.py", "p.json", "o.json"))
         open(script, "w").write(VLLM_SCRIPT)
@@ -113,7 +117,10 @@ def run_vllm(python: str, model: str, prompts, repeats: int) -> float | None:
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
         env.setdefault("VLLM_USE_AOT_COMPILE", "0")
         r = subprocess.run(
-            [python, script, model, pp, op, str(repeats)], capture_output=True, text=True, env=env
+            [python, script, model, pp, op, str(repeats), dtype],
+            capture_output=True,
+            text=True,
+            env=env,
         )
         if r.returncode != 0:
             print("vLLM run failed:\n" + r.stderr[-2000:], file=sys.stderr)
@@ -152,6 +159,13 @@ def main() -> None:
     ap.add_argument("--w2-groups", type=int, default=4)
     ap.add_argument("--w2-per-group", type=int, default=4)
     ap.add_argument("--json", default=None, help="write figures here too")
+    ap.add_argument("--skip-bf16", action="store_true", help="no W1_bf16 runs")
+    ap.add_argument(
+        "--model-impl",
+        default="auto",
+        choices=["auto", "fleetlm", "transformers"],
+        help="fleetlm's model code (EngineConfig.model_impl)",
+    )
     args = ap.parse_args()
 
     from transformers import AutoModelForCausalLM
@@ -163,6 +177,7 @@ def main() -> None:
             model=path,
             max_num_batched_tokens=args.max_num_batched_tokens,
             max_num_seqs=max(64, args.num_prompts),
+            model_impl=args.model_impl,
         )
     )
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -188,6 +203,28 @@ def main() -> None:
     )
     cold, warm = w2_ttft(engine, args.w2_groups, args.w2_per_group, 512, 64)
     result = {"W1": w1, "W2": {"cold_ttft_ms": cold, "warm_ttft_ms": warm}}
+    if not args.skip_bf16:
+        del engine, hf
+        bf16 = LLMEngine(
+            EngineConfig(
+                model=path,
+                dtype="bfloat16",
+                max_num_batched_tokens=args.max_num_batched_tokens,
+                max_num_seqs=max(64, args.num_prompts),
+                model_impl=args.model_impl,
+            )
+        )
+        run_fleetlm(bf16, prompts[:4], 4)
+        bf = [run_fleetlm(bf16, prompts, args.output_len) for _ in range(args.repeats)]
+        del bf16
+        result["W1_bf16"] = {
+            "fleetlm": statistics.median(bf),
+            "vllm": (
+                run_vllm(args.vllm_python, path, prompts, args.repeats, "bfloat16")
+                if args.vllm_python
+                else None
+            ),
+        }
 
     print(
         f"\nW1 ({args.num_prompts}x128 prompt, {args.output_len} out, greedy), "
@@ -196,6 +233,12 @@ def main() -> None:
     for k, v in w1.items():
         ratio = f"  ({v / w1['hf_generate']:.2f}x generate)" if v and w1["hf_generate"] else ""
         print(f"  {k:18s} {v:8.1f}{ratio}" if v else f"  {k:18s}      n/a")
+    if "W1_bf16" in result:
+        b = result["W1_bf16"]
+        vs = f"  ({b['fleetlm'] / b['vllm']:.2f}x vLLM bf16)" if b["vllm"] else ""
+        print(f"W1 bfloat16: fleetlm {b['fleetlm']:.1f}{vs}, vLLM {b['vllm'] or 'n/a'}")
+    if w1["vllm"]:
+        print(f"W1 float32: fleetlm / vLLM = {w1['fleetlm'] / w1['vllm']:.2f}x")
     print(
         f"W2 TTFT (prefix 512 + question 64): cold {cold:.1f} ms, warm {warm:.1f} ms "
         f"(warm/cold {warm / cold:.2f})"
