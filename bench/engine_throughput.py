@@ -25,8 +25,8 @@ import torch
 from tqdm import tqdm
 
 from engine.config import EngineConfig
-from engine.demo_model import resolve_model
 from engine.llm_engine import LLMEngine
+from engine.models.demo import resolve_model
 from engine.sampling_params import SamplingParams
 
 VLLM_SCRIPT = r"""

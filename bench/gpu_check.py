@@ -99,7 +99,7 @@ def build_model(out: Path, shape: dict, dtype: torch.dtype) -> str:
     """A random model folder with the demo tokenizer (ids are what we feed; vocab may differ)."""
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from engine.demo_model import BOS, EOS, PAD, save_tokenizer, special_token_ids
+    from engine.models.demo import BOS, EOS, PAD, save_tokenizer, special_token_ids
 
     ids = special_token_ids()
     cfg = Qwen2Config(
@@ -370,7 +370,7 @@ DEFAULT_PARTS = ("kernels", "correctness", "graphs", "w1", "profile")
 
 def family_path(family: str, tmp: Path) -> str:
     """A tiny float32 random model of tests/tiny_models.py (demo-small: the embedded demo)."""
-    from engine.demo_model import resolve_model
+    from engine.models.demo import resolve_model
 
     if family == "demo-small":
         return resolve_model("demo-small", progress=False)

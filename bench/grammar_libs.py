@@ -258,7 +258,7 @@ def main() -> None:
     args = ap.parse_args()
     from transformers import AutoTokenizer
 
-    from engine.demo_model import resolve_model
+    from engine.models.demo import resolve_model
 
     torch.set_num_threads(1)
     folders = args.tokenizer or [resolve_model("demo-small", progress=False)]

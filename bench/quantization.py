@@ -45,7 +45,7 @@ import time
 import torch
 from torch import nn
 
-from engine.demo_model import resolve_model
+from engine.models.demo import resolve_model
 from engine.quantization import Int8Linear, quantize_int8, weight_bytes
 
 PARTS = ("agreement", "hf", "kernels", "engine")

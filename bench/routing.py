@@ -755,7 +755,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     from cluster.ray_runtime import WORKER_NICENESS_ENV
-    from engine.demo_model import resolve_model
+    from engine.models.demo import resolve_model
 
     resolve_model(args.model)  # build the demo model once, before any replica needs it
     port = free_port()

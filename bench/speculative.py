@@ -23,8 +23,8 @@ import torch
 from tqdm import tqdm
 
 from engine.config import EngineConfig
-from engine.demo_model import corpus_token_ids, resolve_model
 from engine.llm_engine import LLMEngine
+from engine.models.demo import corpus_token_ids, resolve_model
 from engine.sampling_params import SamplingParams
 
 

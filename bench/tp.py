@@ -23,8 +23,8 @@ import time
 import torch
 
 from engine.config import EngineConfig
-from engine.demo_model import resolve_model
 from engine.llm_engine import LLMEngine
+from engine.models.demo import resolve_model
 from engine.sampling_params import SamplingParams
 from engine.tp_runner import make_llm_engine
 

@@ -34,9 +34,9 @@ def free_port() -> int:
 
 
 def resolve_model_dir(name_or_path: str) -> str:
-    """A local HF folder; 'demo'/'demo-small' are built by engine.demo_model on first use."""
+    """A local HF folder; 'demo'/'demo-small' are built by engine.models.demo on first use."""
     if name_or_path in ("demo", "demo-small"):
-        from engine.demo_model import resolve_model
+        from engine.models.demo import resolve_model
 
         return resolve_model(name_or_path, progress=False)
     if not Path(name_or_path, "config.json").is_file():
@@ -194,5 +194,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for engine.demo_model
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for engine.models.demo
     sys.exit(main())

@@ -69,7 +69,7 @@ def tokenizer_vocab(name_or_path: str) -> tuple[int, set[int]]:
 
     path = name_or_path
     if name_or_path in ("demo", "demo-small"):
-        from engine.demo_model import resolve_model
+        from engine.models.demo import resolve_model
 
         path = resolve_model(name_or_path, progress=False)
     tok = AutoTokenizer.from_pretrained(path)

@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from engine.demo_model import resolve_model
+    from engine.models.demo import resolve_model
 
     print(resolve_model(args.name, progress=not args.quiet))
     return 0

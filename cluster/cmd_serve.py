@@ -91,7 +91,7 @@ def build_config(args: argparse.Namespace) -> ClusterConfig:
 
 def prepare_for_deploy(cfg: ClusterConfig, build_models: bool) -> ClusterConfig:
     """Check model folders and resolve env API keys to digests (replicas then need no env)."""
-    from engine.demo_model import resolve_model
+    from engine.models.demo import resolve_model
 
     for i, m in enumerate(cfg.models):
         if m.model in DEMO_MODELS and not build_models:

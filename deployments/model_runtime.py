@@ -89,7 +89,7 @@ def load_runtime(mc: Any, handle: Any) -> ModelRuntime:
     """Build a ModelRuntime from a cluster.config.ModelConfig (tokenizer loaded from the folder)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from engine.demo_model import resolve_model
+    from engine.models.demo import resolve_model
 
     path = resolve_model(mc.model)
     tokenizer = AutoTokenizer.from_pretrained(path)

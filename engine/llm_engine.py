@@ -59,7 +59,7 @@ class LLMEngine:
     ) -> None:
         """``runner_factory`` builds the model runner (default: one-process ``ModelRunner``; the
         tensor-parallel runner drives several shards behind the same interface)."""
-        from engine.demo_model import resolve_model
+        from engine.models.demo import resolve_model
 
         self.config = config
         self.model_path = model_path or resolve_model(config.model)

@@ -261,7 +261,7 @@ def check_model_layout(model: str, tp_size: int) -> None:
     import os
     from types import SimpleNamespace
 
-    from engine.demo_model import DEMO_SPECS
+    from engine.models.demo import DEMO_SPECS
 
     if tp_size == 1:
         return

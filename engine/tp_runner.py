@@ -179,7 +179,7 @@ def run_worker(init: TPInit, rank: int) -> None:
     group = TPGroup.join(init.master_addr, init.port, rank, init.world_size, device, init.timeout_s)
     path = init.model_path
     if not os.path.isdir(path):  # a worker on another node: build/find the model there
-        from engine.demo_model import resolve_model
+        from engine.models.demo import resolve_model
 
         path = resolve_model(config.model)
     runner = ModelRunner(config, path, tp_group=group)

@@ -11,8 +11,14 @@ import shutil
 import pytest
 import torch
 
-from engine import demo_model
-from engine.demo_model import COPY_SPECS, CopySpec, init_copy_model, resolve_model, train_copy_model
+from engine.models import demo as demo_model
+from engine.models.demo import (
+    COPY_SPECS,
+    CopySpec,
+    init_copy_model,
+    resolve_model,
+    train_copy_model,
+)
 
 TINY = CopySpec(2, 128, 1, 256, 32, train_steps=3, batch_size=2, seq_len=64)
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from tiny_models import tiny_llama, tiny_mistral, tiny_qwen2
 
-from engine import demo_model
-from engine.demo_model import DEMO_SPECS, SPECIAL_TOKENS, resolve_model, write_demo_model
+from engine.models import demo as demo_model
+from engine.models.demo import DEMO_SPECS, SPECIAL_TOKENS, resolve_model, write_demo_model
 
 
 def folder_digest(path: Path) -> dict[str, str]:

@@ -21,7 +21,7 @@ TEXT = "中文 ünï 😀 tab\tend, ascii words. Ωμέγα ﬁ naïve 𝔘 ok"
 def tok():
     from transformers import AutoTokenizer
 
-    from engine.demo_model import resolve_model
+    from engine.models.demo import resolve_model
 
     return AutoTokenizer.from_pretrained(resolve_model("demo-small", progress=False))
 

@@ -9,8 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from engine.config import EngineConfig
-from engine.demo_model import resolve_model
 from engine.llm_engine import LLMEngine
+from engine.models.demo import resolve_model
 from engine.sampling_params import SamplingParams
 
 NEW = 12

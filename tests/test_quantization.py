@@ -10,7 +10,7 @@ import torch
 from tiny_models import tiny_qwen2
 from torch import nn
 
-from engine.demo_model import resolve_model
+from engine.models.demo import resolve_model
 from engine.quantization import Int8Linear, quantize_int8, quantize_weight, weight_bytes
 
 

@@ -7,8 +7,8 @@ import torch
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
-from engine.demo_model import resolve_model
 from engine.llm_engine import LLMEngine
+from engine.models.demo import resolve_model
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Request

@@ -12,8 +12,8 @@ from transformers import AutoTokenizer
 
 from bench.structured_schemas import schemas
 from engine.config import EngineConfig
-from engine.demo_model import resolve_model
 from engine.llm_engine import LLMEngine
+from engine.models.demo import resolve_model
 from engine.sampling_params import SamplingParams
 from engine.structured import (
     GrammarError,

@@ -10,7 +10,7 @@ import pytest
 
 from deployments.openai_format import ChoiceState, ChunkWriter, chat_body
 from deployments.tool_calls import ToolStream, parse_tool_calls, parser_for_template, tool_grammar
-from engine.demo_model import CHAT_TEMPLATE
+from engine.models.demo import CHAT_TEMPLATE
 
 WEATHER = {
     "type": "function",
@@ -125,8 +125,8 @@ def test_chat_body_and_chunks_finish_with_tool_calls():
 @pytest.mark.parametrize("fmt", ["hermes", "llama3_json"])
 def test_forced_call_grammar_on_the_engine(fmt):
     from engine.config import EngineConfig
-    from engine.demo_model import resolve_model
     from engine.llm_engine import LLMEngine
+    from engine.models.demo import resolve_model
     from engine.sampling_params import SamplingParams
 
     eng = LLMEngine(EngineConfig(model=resolve_model("demo-small", progress=False), num_threads=1))

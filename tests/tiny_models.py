@@ -60,7 +60,7 @@ def config_class(arch: str):
 
 
 def demo_tokenizer_dir() -> Path:
-    from engine.demo_model import resolve_model
+    from engine.models.demo import resolve_model
 
     return Path(resolve_model("demo-small", progress=False))
 
