@@ -141,9 +141,16 @@ def running_replicas(app: str, deployment: str) -> int:
     return sum(v for k, v in states.items() if str(getattr(k, "value", k)) == "RUNNING")
 
 
-def wait_recovered(base: str, app: str, deployment: str, replicas: int, t0: float) -> float:
-    """Seconds from ``t0`` until the deployment runs ``replicas`` again and answers."""
+def wait_recovered(
+    base: str, app: str, deployment: str, replicas: int, t0: float, gone: str | None = None
+) -> float:
+    """Seconds from ``t0`` until the actor ``gone`` is dead, and then the deployment runs
+    ``replicas`` again and answers."""
     deadline = time.monotonic() + 180
+    while gone is not None and any(a["name"] == gone for a in actors(gone)):
+        if time.monotonic() > deadline:
+            return float("nan")
+        time.sleep(0.1)
     while running_replicas(app, deployment) < replicas:
         if time.monotonic() > deadline:
             return float("nan")
@@ -176,20 +183,34 @@ def rss_mb(pid: int) -> float:
 
 # -- scenarios ------------------------------------------------------------------------------------
 def kill_during_load(
-    base: str, victim_pid_fn: Any, streams: int, max_tokens: int, kill_after_s: float = 2.0
-) -> tuple[list, float]:
-    """Run streaming load; SIGKILL ``victim_pid_fn()`` after ``kill_after_s``. Returns the
-    outcomes and the monotonic time of the kill."""
+    base: str,
+    app: str,
+    dep: str,
+    victim_fn: Any,
+    streams: int,
+    max_tokens: int,
+    kill: Any = lambda pid: os.kill(pid, signal.SIGKILL),
+) -> tuple[list, float, str]:
+    """Run streaming load; once the model's replicas are generating, SIGKILL the process
+    ``victim_fn(routing stats by replica actor name)`` returns as (pid, actor name). Returns the
+    outcomes, the monotonic time of the kill and the victim's actor name."""
 
     async def main():
         load = asyncio.create_task(
             streaming_load(base, MODEL, HEADERS, streams, streams, max_tokens, limit_s=120)
         )
-        await asyncio.sleep(kill_after_s)
-        pid = await asyncio.to_thread(victim_pid_fn)
+        deadline = time.monotonic() + 60
+        while True:  # streams in flight: some replica is generating
+            stats = await asyncio.to_thread(routing_stats, app, dep)
+            if sum(st["num_running"] for st in stats.values()) >= max(1, streams // 2):
+                break
+            if time.monotonic() > deadline or load.done():
+                raise RuntimeError(f"the load never got going: {stats}")
+            await asyncio.sleep(0.1)
+        pid, name = await asyncio.to_thread(victim_fn, stats)
         t_kill = time.monotonic()
-        os.kill(pid, signal.SIGKILL)
-        return await load, t_kill
+        kill(pid)
+        return await load, t_kill, name
 
     return asyncio.run(main())
 
@@ -213,18 +234,14 @@ def replica_kill(root: str, args: argparse.Namespace) -> dict[str, Any]:
 
     app, dep = "rel-kill", server_name(MODEL)
     base = deploy(root, build_app(cluster_config(2)), app)
-    victim: dict[str, Any] = {}
 
-    def pick() -> int:
-        a = actors(replica_prefix(app, dep))[0]
-        victim.update(a)
-        return a["pid"]
+    def pick(stats: dict[str, dict]) -> tuple[int, str]:
+        name = max(stats, key=lambda k: stats[k]["num_running"])  # the busiest replica
+        return next(a["pid"] for a in actors(name)), name
 
-    outcomes, t_kill = kill_during_load(base, pick, args.streams, args.max_tokens)
-    recovery = wait_recovered(base, app, dep, 2, t_kill)
-    survivors = {
-        k: v for k, v in routing_stats(app, dep).items() if not k.startswith(victim["name"])
-    }
+    outcomes, t_kill, victim = kill_during_load(base, app, dep, pick, args.streams, args.max_tokens)
+    recovery = wait_recovered(base, app, dep, 2, t_kill, gone=victim)
+    survivors = [k for k in routing_stats(app, dep) if k != victim]
     leaked = leaked_blocks(app, dep)
     _delete(app)
     return fault_row(outcomes, t_kill, recovery, leaked_blocks=leaked, replicas=len(survivors))
@@ -236,11 +253,14 @@ def ingress_kill(root: str, args: argparse.Namespace) -> dict[str, Any]:
     app = "rel-ingress"
     base = deploy(root, build_app(cluster_config(1)), app)
 
-    def pick() -> int:
-        return actors(replica_prefix(app, INGRESS_NAME))[0]["pid"]
+    def pick(stats: dict[str, dict]) -> tuple[int, str]:
+        a = actors(replica_prefix(app, INGRESS_NAME))[0]
+        return a["pid"], a["name"]
 
-    outcomes, t_kill = kill_during_load(base, pick, args.streams, args.max_tokens)
-    recovery = wait_recovered(base, app, INGRESS_NAME, 1, t_kill)
+    outcomes, t_kill, victim = kill_during_load(
+        base, app, server_name(MODEL), pick, args.streams, args.max_tokens
+    )
+    recovery = wait_recovered(base, app, INGRESS_NAME, 1, t_kill, gone=victim)
     leaked = leaked_blocks(app, server_name(MODEL))
     _delete(app)
     return fault_row(outcomes, t_kill, recovery, leaked_blocks=leaked)
@@ -254,11 +274,12 @@ def tp_worker_kill(root: str, args: argparse.Namespace) -> dict[str, Any]:
     cfg = cluster_config(1, tensor_parallel_size=2, resources_per_replica={"num_cpus": 2})
     base = deploy(root, build_app(cfg), app)
 
-    def pick() -> int:
-        return actors(WORKER_NAME_PREFIX)[0]["pid"]
+    def pick(stats: dict[str, dict]) -> tuple[int, str]:
+        a = actors(WORKER_NAME_PREFIX)[0]
+        return a["pid"], a["name"]
 
-    outcomes, t_kill = kill_during_load(base, pick, args.streams, args.max_tokens)
-    recovery = wait_recovered(base, app, dep, 1, t_kill)
+    outcomes, t_kill, victim = kill_during_load(base, app, dep, pick, args.streams, args.max_tokens)
+    recovery = wait_recovered(base, app, dep, 1, t_kill, gone=victim)
     leaked = leaked_blocks(app, dep)
     _delete(app)
     return fault_row(outcomes, t_kill, recovery, leaked_blocks=leaked)
@@ -296,19 +317,17 @@ def node_loss(root: str, args: argparse.Namespace) -> dict[str, Any]:
             return {"completed": 0, "clean_errors": 0, "lost": 0, "recovery_s": None,
                     "skipped": "Serve placed no replica on the second node"}  # fmt: skip
 
-        async def main():
-            load = asyncio.create_task(
-                streaming_load(base, MODEL, HEADERS, args.streams, args.streams, args.max_tokens)
-            )
-            await asyncio.sleep(2.0)
-            t_kill = time.monotonic()
-            # SIGKILL to the node's whole process group (raylet, workers, the replica): the
-            # node vanishes as a crashed machine would, without draining.
-            os.killpg(worker.pid, signal.SIGKILL)
-            return await load, t_kill
+        def pick(stats: dict[str, dict]) -> tuple[int, str]:
+            on_node = next(a for a in actors(replica_prefix(app, dep)) if a["node"] == worker_node)
+            return worker.pid, on_node["name"]
 
-        outcomes, t_kill = asyncio.run(main())
-        recovery = wait_recovered(base, app, dep, 2, t_kill)
+        # SIGKILL to the node's whole process group (raylet, workers, the replica): the node
+        # vanishes as a crashed machine would, without draining.
+        outcomes, t_kill, victim = kill_during_load(
+            base, app, dep, pick, args.streams, args.max_tokens,
+            kill=lambda pid: os.killpg(pid, signal.SIGKILL),
+        )  # fmt: skip
+        recovery = wait_recovered(base, app, dep, 2, t_kill, gone=victim)
         leaked = leaked_blocks(app, dep)
         _delete(app)
         return fault_row(outcomes, t_kill, recovery, leaked_blocks=leaked)
@@ -486,7 +505,7 @@ def main() -> None:
     ap.add_argument("--num-cpus", type=int, default=8, help="CPUs of the local Ray head")
     ap.add_argument("--fuzz-cases", type=int, default=2000)
     ap.add_argument("--streams", type=int, default=16, help="concurrent streams during a fault")
-    ap.add_argument("--max-tokens", type=int, default=200, help="tokens per streamed request")
+    ap.add_argument("--max-tokens", type=int, default=400, help="tokens per streamed request")
     ap.add_argument("--clients", type=int, default=500, help="disconnect storm clients")
     ap.add_argument("--soak-s", type=float, default=120.0, help="soak duration (bench/soak.py)")
     args = ap.parse_args()
