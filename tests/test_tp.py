@@ -116,12 +116,13 @@ def _sharded_logits(cfg: EngineConfig, path: str, n: int, steps) -> list[torch.T
     return out
 
 
-@pytest.mark.parametrize("n", [2, 4])  # 4 shards > 2 KV heads: KV heads replicated
-def test_sharded_forward_matches_whole_model(n, tmp_path):
+# 4 shards > 2 KV heads: KV heads replicated. Our model code and transformers' modules.
+@pytest.mark.parametrize("n,impl", [(2, "fleetlm"), (4, "fleetlm"), (2, "transformers")])
+def test_sharded_forward_matches_whole_model(n, impl, tmp_path):
     from tiny_models import tiny_qwen2  # q/k/v biases, GQA 4 heads / 2 KV heads
 
     path = tiny_qwen2(tmp_path / "qwen2")
-    cfg = EngineConfig(model=path, num_kv_blocks=32, block_size=4, num_threads=1)
+    cfg = EngineConfig(model=path, num_kv_blocks=32, block_size=4, num_threads=1, model_impl=impl)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 4000, (k,), generator=g).tolist() for k in (5, 9, 1)]
     prefill = _step(prompts, 4)
@@ -142,6 +143,41 @@ def test_sharded_forward_matches_whole_model(n, tmp_path):
     for w, g_ in zip(want, got, strict=True):
         assert w.shape == g_.shape
         torch.testing.assert_close(g_, w, rtol=1e-4, atol=1e-4)
+
+
+def test_shard_loads_its_own_slice_of_merged_projections(tmp_path):
+    """Shard 1 of 2 (and shard 3 of 4, whose KV head is replicated) holds exactly its rows of q,
+    k, v (biases too) and gate/up, and its columns of o_proj and down_proj."""
+    from safetensors.torch import load_file
+    from tiny_models import tiny_qwen2
+
+    from engine.models import build_model
+
+    path = tiny_qwen2(tmp_path / "qwen2")
+    full = load_file(f"{path}/model.safetensors")
+    hf = AutoConfig.from_pretrained(path)
+    d = hf.hidden_size // hf.num_attention_heads
+    for n, rank in ((2, 1), (4, 3)):
+        split = plan_heads(hf, n, rank)
+        m = build_model(hf, path, torch.device("cpu"), torch.float32, split, tp_group=None)
+        attn, mlp = m.layers[1].self_attn, m.layers[1].mlp
+        pre = "model.layers.1."
+        q = slice(rank * split.local_heads * d, (rank + 1) * split.local_heads * d)
+        kv = slice(split.kv_head_start * d, (split.kv_head_start + split.local_kv_heads) * d)
+        inter = hf.intermediate_size // n
+        ff = slice(rank * inter, (rank + 1) * inter)
+        for kind in ("weight", "bias"):
+            want = torch.cat(
+                [
+                    full[f"{pre}self_attn.{p}_proj.{kind}"][s]
+                    for p, s in (("q", q), ("k", kv), ("v", kv))
+                ]
+            )
+            assert torch.equal(getattr(attn.qkv_proj, kind), want)
+        assert torch.equal(attn.o_proj.weight, full[f"{pre}self_attn.o_proj.weight"][:, q])
+        want = torch.cat([full[f"{pre}mlp.{p}_proj.weight"][ff] for p in ("gate", "up")])
+        assert torch.equal(mlp.gate_up_proj.weight, want)
+        assert torch.equal(mlp.down_proj.weight, full[f"{pre}mlp.down_proj.weight"][:, ff])
 
 
 # -- the engine, TP=2 in a second process -------------------------------------------------------
