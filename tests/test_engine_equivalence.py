@@ -38,8 +38,21 @@ def model_path(family, tmp_path_factory):
         return resolve_model("demo-small")
     import tiny_models
 
+    kw = {}
+    if family == "llama3-rope":  # Llama 3.1's rope scaling: a different frequency per band
+        family, kw["rope_parameters"] = "llama", LLAMA3_ROPE
     make = getattr(tiny_models, f"tiny_{family}")
-    return make(tmp_path_factory.mktemp(family) / "m", max_position_embeddings=1024)
+    return make(tmp_path_factory.mktemp(family) / "m", max_position_embeddings=1024, **kw)
+
+
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +91,7 @@ KNOBS = {
 CASES = [
     *[(f, k, "fleetlm") for f in ("demo-small", "qwen2") for k in KNOBS],
     *[(f, k, "fleetlm") for f in ("mistral", "qwen3") for k in ("chunked", "preempt")],
+    ("llama3-rope", "chunked", "fleetlm"),
     *[(f, "preempt", "transformers") for f in ("demo-small", "qwen2", "qwen3")],
     ("demo-small", "chunked", "transformers"),
 ]
