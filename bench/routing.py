@@ -763,7 +763,7 @@ def main(argv: list[str] | None = None) -> int:
     # Replicas at Ray's default worker nice 15 lose the cores to this client process (and to the
     # vLLM peer, which runs at nice 0); `fleetlm up` starts its head at nice 0 too.
     os.environ.setdefault(WORKER_NICENESS_ENV, "0")
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     runs: dict[str, list[float]] = {}
     if args.workload == "w6":
         try:
@@ -804,7 +804,9 @@ def main(argv: list[str] | None = None) -> int:
         direct_port = free_port()
         saved = dict(os.environ)
         os.environ.update(direct_ingress_env(direct_port))
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(
+            address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False
+        )
         try:
             w1 = run_w1_fleetlm(args, port, direct_port=direct_port)
             result["W1_http"]["fleetlm_direct_ingress"] = w1["median"]
