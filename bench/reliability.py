@@ -182,6 +182,15 @@ def rss_mb(pid: int) -> float:
 
 
 # -- scenarios ------------------------------------------------------------------------------------
+running_at_kill: dict[str, int] = {}  # requests each replica ran when the last fault struck
+
+
+def _take_running_at_kill() -> dict[str, int]:
+    out = dict(running_at_kill)
+    running_at_kill.clear()
+    return out
+
+
 def kill_during_load(
     base: str,
     app: str,
@@ -210,6 +219,7 @@ def kill_during_load(
         pid, name = await asyncio.to_thread(victim_fn, stats)
         t_kill = time.monotonic()
         kill(pid)
+        running_at_kill.update({k.rsplit("#", 1)[-1]: v["num_running"] for k, v in stats.items()})
         return await load, t_kill, name
 
     return asyncio.run(main())
@@ -224,6 +234,7 @@ def fault_row(outcomes: list, t_kill: float, recovery_s: float, **extra: Any) ->
         "lost": t.lost,
         "recovery_s": round(recovery_s, 2),
         "max_error_after_kill_s": round(max(errs), 2) if errs else None,
+        "running_at_kill": _take_running_at_kill(),
         **extra,
         "details": t.to_dict(),
     }

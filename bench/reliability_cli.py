@@ -116,7 +116,9 @@ def run(kind: str, streams: int, max_tokens: int) -> dict[str, Any]:
         return await load, time.monotonic() - t_stop, stop_rc
 
     outcomes, stop_s, stop_rc = asyncio.run(main())
-    time.sleep(2.0)
+    deadline = time.monotonic() + 90  # the head drains its node for up to 30 s on SIGTERM
+    while any(_alive(p) for p in before) and time.monotonic() < deadline:
+        time.sleep(0.5)
     left = sorted(p for p in before if _alive(p))
     t = tally(outcomes)
     return {

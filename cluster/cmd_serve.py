@@ -116,6 +116,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     from cluster import ray_runtime
 
     cfg = build_config(args)
+    # Both signals stop the cluster cleanly (a SIGTERM while it comes up too), also when a script
+    # started us with SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     old = load_state()
     if old is not None:
         if old.head_pid is None or ray_runtime.pid_is_head(old.head_pid):
@@ -190,36 +194,33 @@ def cmd_up(args: argparse.Namespace) -> int:
         raise CLIError(f"deploy failed: {e}") from None
 
     try:
-        from cluster.policy_memory import restore_live
+        try:
+            from cluster.policy_memory import restore_live
 
-        print(restore_live())
-    except Exception as e:  # noqa: BLE001 - serving goes on; say plainly what runs
-        print(f"autoscaling policy: built-in defaults (restoring the saved one failed: {e})")
-    _print_ready(cfg, url)
-    if cfg.http.direct_ingress:
-        direct = find_direct_ingress(_client_host(cfg.http.host), cfg.http.direct_ingress_port)
-        if direct:
-            print(f"  direct ingress (no proxy hop): {direct}/v1")
-        else:
-            print(
-                f"  direct ingress: nothing answers from port {cfg.http.direct_ingress_port}; "
-                "is the Ray head's environment set (see above)?"
-            )
-    if args.detach:
-        ray_runtime.disconnect()
-        print("Detached. `fleetlm status` shows it; `fleetlm down` stops it.")
-        return 0
-    print("Serving in the foreground; Ctrl-C stops the cluster.")
-    # Both signals stop the cluster cleanly, also when a script started us with SIGINT ignored.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
+            print(restore_live())
+        except Exception as e:  # noqa: BLE001 - serving goes on; say plainly what runs
+            print(f"autoscaling policy: built-in defaults (restoring the saved one failed: {e})")
+        _print_ready(cfg, url)
+        if cfg.http.direct_ingress:
+            direct = find_direct_ingress(_client_host(cfg.http.host), cfg.http.direct_ingress_port)
+            if direct:
+                print(f"  direct ingress (no proxy hop): {direct}/v1")
+            else:
+                print(
+                    f"  direct ingress: nothing answers from port {cfg.http.direct_ingress_port}; "
+                    "is the Ray head's environment set (see above)?"
+                )
+        if args.detach:
+            ray_runtime.disconnect()
+            print("Detached. `fleetlm status` shows it; `fleetlm down` stops it.")
+            return 0
+        print("Serving in the foreground; Ctrl-C stops the cluster.")
         while head is None or ray_runtime.pid_is_head(head.pid):
             time.sleep(1.0)
         print("fleetlm: the Ray head exited", file=sys.stderr)
         clear_state()
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # SIGINT or SIGTERM, also while the cluster was coming up
         print("\nShutting down...")
         _teardown(state)
         print("Stopped.")
