@@ -236,6 +236,7 @@ def graph_stats(engine) -> dict:
         "graphs_used": gr.use_graphs,
         "graph_replays": gr.num_replays,
         "graph_eager_calls": gr.num_eager,
+        "graph_capture_error": gr.capture_error,
     }
 
 
@@ -358,9 +359,14 @@ def graphs_check(device: torch.device, tmp: Path, max_prompts: int | None = None
             flush=True,
         )
     out["engine"] = rows
-    wired = [r["with_graphs"].get("graphs_used") for r in rows]
-    out["engine_replays_graphs"] = bool(wired) and all(wired)
-    out["all_ok"] = out["layer"]["all_ok"] and all(r["ok"] for r in rows)
+    replays = [r["with_graphs"].get("graph_replays", 0) for r in rows]
+    out["engine_replays_graphs"] = bool(replays) and all(n > 0 for n in replays)
+    # On CUDA the engine must actually replay graphs (a capture that fell back to eager fails).
+    out["all_ok"] = (
+        out["layer"]["all_ok"]
+        and all(r["ok"] for r in rows)
+        and (device.type != "cuda" or out["engine_replays_graphs"])
+    )
     return out
 
 
@@ -709,7 +715,15 @@ def main() -> None:
         def do_kernels() -> None:
             from bench.gpu_kernels_check import kernel_checks
 
-            result["kernels"] = kernel_checks(device)
+            try:
+                result["kernels"] = kernel_checks(device)
+            finally:
+                if not result.get("kernels", {}).get("all_ok"):
+                    # The other parts still run, on the torch attention path (recorded).
+                    from engine import kernels
+
+                    kernels.disable_triton()
+                    result["triton_disabled_after_kernels_failure"] = True
             print("kernels:", "all ok" if result["kernels"]["all_ok"] else "FAIL", flush=True)
 
         def do_correctness() -> None:

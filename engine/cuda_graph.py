@@ -80,6 +80,7 @@ class DecodeGraphRunner:
         self.num_replays = 0
         self.num_eager = 0
         self.num_captures = 0
+        self.capture_error: str | None = None  # set by a caller that fell back to eager
 
     @torch.inference_mode()
     def _capture(self, size: int) -> None:

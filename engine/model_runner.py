@@ -167,10 +167,16 @@ class ModelRunner:
         self.graph_runner: DecodeGraphRunner | None = None
         single = tp_group is None or tp_group.size == 1  # graphs around NCCL calls: not here
         if self.own and self.device.type == "cuda" and single and not config.enforce_eager:
-            seconds = self.use_decode_graphs(True).capture()
-            logger.info(
-                "decode CUDA graphs for batch sizes %s: %.1f s", self.graph_runner.buckets, seconds
-            )
+            gr = self.use_decode_graphs(True)
+            try:
+                seconds = gr.capture()
+                logger.info("decode CUDA graphs for batch sizes %s: %.1f s", gr.buckets, seconds)
+            except Exception as e:  # a capture fault costs speed, not service: decode eagerly
+                logger.warning("decode CUDA graph capture failed, decoding eagerly: %r", e)
+                gr.capture_error = repr(e)
+                gr.use_graphs = False
+                gr.graphs.clear()
+                self.decode_hook = None
         logger.info(
             "loaded %s (%s, %s, %s): %d KV blocks of %d tokens (%.1f MiB)",
             model_path,

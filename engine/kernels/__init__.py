@@ -29,6 +29,16 @@ from engine.kernels import reference
 logger = logging.getLogger(__name__)
 
 
+_triton_disabled = False
+
+
+def disable_triton() -> None:
+    """From now on CUDA runs the torch reference too (a diagnostic fallback: bench/gpu_check.py
+    uses it when the kernels' own check fails, so the other checks still run)."""
+    global _triton_disabled
+    _triton_disabled = True
+
+
 @functools.cache
 def _triton_module() -> ModuleType | None:
     try:
@@ -42,7 +52,7 @@ def _triton_module() -> ModuleType | None:
 def backend(device: torch.device) -> ModuleType:
     """The module whose functions serve ``device``: triton_attention on CUDA when triton imports,
     reference otherwise."""
-    if device.type == "cuda":
+    if device.type == "cuda" and not _triton_disabled:
         mod = _triton_module()
         if mod is not None:
             return mod
