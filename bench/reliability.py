@@ -151,7 +151,12 @@ def wait_recovered(
         if time.monotonic() > deadline:
             return float("nan")
         time.sleep(0.1)
-    while running_replicas(app, deployment) < replicas:
+    # A replacement is up: as many live replica actors as before, none of them the dead one.
+    prefix = replica_prefix(app, deployment)
+    while (
+        len([a for a in actors(prefix) if a["name"] != gone]) < replicas
+        or running_replicas(app, deployment) < replicas
+    ):
         if time.monotonic() > deadline:
             return float("nan")
         time.sleep(0.25)
@@ -286,8 +291,8 @@ def tp_worker_kill(root: str, args: argparse.Namespace) -> dict[str, Any]:
     base = deploy(root, build_app(cfg), app)
 
     def pick(stats: dict[str, dict]) -> tuple[int, str]:
-        a = actors(WORKER_NAME_PREFIX)[0]
-        return a["pid"], a["name"]
+        # The worker dies; the replica it serves must be replaced (recovery counts until then).
+        return actors(WORKER_NAME_PREFIX)[0]["pid"], next(iter(stats))
 
     outcomes, t_kill, victim = kill_during_load(base, app, dep, pick, args.streams, args.max_tokens)
     recovery = wait_recovered(base, app, dep, 1, t_kill, gone=victim)
