@@ -388,3 +388,31 @@ def test_a_killed_engine_core_fails_its_requests_and_the_replica_reports_unhealt
             srv.check_health()
     finally:
         srv.engine.shutdown()
+
+
+def test_real_engine_streamed_text_is_the_decode_of_the_streamed_tokens(real):
+    from transformers import AutoTokenizer
+
+    from engine.models.demo import resolve_model
+
+    tok = AutoTokenizer.from_pretrained(resolve_model("demo-small", progress=False))
+
+    async def main():
+        handle = FakeHandle(real)
+        mux = new_channel_mux(handle)
+        sampling = {"max_tokens": 24, "temperature": 1.0, "seed": 3, "ignore_eos": True}
+        r = req("txt", prompt=(5, 6, 7, 8, 9), n=3, **sampling)
+        call = await open_call(handle, mux, r, "txt", "m")
+        ids: dict[int, list[int]] = {}
+        text: dict[int, str] = {}
+        async for items in call_deltas(call):
+            for i, d in items:
+                ids.setdefault(i, []).extend(d["token_ids"])
+                text[i] = text.get(i, "") + d["text"]
+        await mux.close()
+        return ids, text
+
+    ids, text = asyncio.run(main())
+    assert sorted(ids) == [0, 1, 2]
+    for i in ids:
+        assert text[i] == tok.decode(ids[i], skip_special_tokens=True)
