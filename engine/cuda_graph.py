@@ -108,6 +108,7 @@ class DecodeGraphRunner:
         if not self.use_graphs:
             return 0.0
         t = time.perf_counter()
+        self._key = self.buffers_key() if self.buffers_key else None
         for size in sorted(self.buckets, reverse=True):
             self.fill(0, size)
             self._capture(size)
