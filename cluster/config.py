@@ -395,8 +395,8 @@ def _describe(err: Any, root: yaml.Node | None) -> tuple[int | None, str, str]:
         msg = "unknown field" + (f"; allowed: {', '.join(allowed)}" if allowed else "")
     elif err["type"] == "missing":
         msg = "required field is missing"
-    elif loc and loc[-1] == "engine" and ": " in msg:
-        # The engine validator names the offending option first; point at that option's line.
+    elif ": " in msg and msg.split(": ", 1)[0].isidentifier():
+        # A section's validator names the offending option first; point at that option's line.
         option, rest = msg.split(": ", 1)
         sub_line, sub_fld = locate(root, (*loc, option))
         if sub_fld.endswith(f".{option}"):

@@ -297,3 +297,10 @@ def test_message_format_and_cli_error_type(tmp_path):
 def test_unreadable_file(tmp_path):
     with pytest.raises(ConfigError, match=r"missing\.yaml: \(file\): can't read"):
         load_cluster_config(tmp_path / "missing.yaml")
+
+
+def test_removed_output_channels_key():
+    ok = parse_cluster_config("models: [{name: m}]\nrouter:\n  output_channels: true\n")
+    assert not hasattr(ok.router, "output_channels")
+    line, field, msg = one_error("models: [{name: m}]\nrouter:\n  output_channels: false\n")
+    assert (line, field) == (3, "router.output_channels") and msg.startswith("removed;")
