@@ -3,11 +3,13 @@
 TRITON_INTERPRET=1 must be set before triton is first imported (triton's library functions are
 decorated at import), and it would make any later Triton use in this process interpreted; so the
 cases (tests/triton_kernel_cases.py) run in a child pytest with the variable set, and this session
-neither imports triton nor sees the variable.
+neither imports triton nor sees the variable. The compiled path (no GPU needed to compile) runs in
+another child: tests/triton_kernel_compile.py.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -23,6 +25,12 @@ from engine.kernels import reference
 ROOT = Path(__file__).resolve().parent.parent
 CASES = "tests/triton_kernel_cases.py"
 COMPILE = "tests/triton_kernel_compile.py"
+
+
+def needs_triton() -> None:
+    """Skip without triton (the "test" extra installs it), without importing it here."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("needs triton (pip install -e '.[test]' installs it)")
 
 
 def test_dispatch_off_cuda_is_the_torch_reference():
@@ -51,7 +59,7 @@ def test_paged_attention_decode_route_equals_varlen():
 
 
 def test_triton_kernels_under_interpreter(tmp_path):
-    pytest.importorskip("triton", reason="needs triton (pip install -e '.[test]' installs it)")
+    needs_triton()
     report = tmp_path / "cases.xml"
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run(
@@ -82,7 +90,7 @@ def test_triton_kernels_under_interpreter(tmp_path):
 
 def test_triton_kernels_compile_for_h100():
     """The compiled path the interpreter skips: every kernel through ptxas for sm_90, no spills."""
-    pytest.importorskip("triton")
+    needs_triton()
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"  # triton 3.9 warns when unset; 1 is its default
     proc = subprocess.run(
