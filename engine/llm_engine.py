@@ -164,6 +164,9 @@ class LLMEngine:
         if not reqs:
             return []
         self.num_steps += 1
+        if self.structured.active:  # grammar masks fill on a thread while the model runs
+            sampling = zip(reqs, sched.sample, strict=True)
+            self.structured.prefetch([r.request_id for r, smp in sampling if smp])
         res = self.runner.execute_model(sched, reqs)
         outputs = [self._fail(reqs[i], msg) for i, msg in res.errors.items()]
         if self.spec is not None:

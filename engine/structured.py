@@ -26,6 +26,7 @@ import json
 import os
 import time
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -106,6 +107,9 @@ class StructuredDecoding:
         # threads use every core anyway.
         self.num_threads = max(1, min(4, (os.cpu_count() or 1) // 4))
         self._exec: Any = None
+        # Masks of the step being computed, filled while the model runs (see prefetch()).
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: tuple[dict[str, int], Future] | None = None
         self.mask_time_s = 0.0  # cumulative, for benchmarks
         self.mask_rows = 0
         self.compiles = 0
@@ -173,6 +177,31 @@ class StructuredDecoding:
                     row[t // 32] |= _bit(t % 32)
         return mask
 
+    def prefetch(self, request_ids: list[str]) -> None:
+        """Start filling this step's masks for the constrained ones of ``request_ids`` (the rows
+        that will sample) on a worker thread; apply() picks them up. llguidance releases the GIL,
+        so the fill overlaps the model's forward. The matchers are not touched again before
+        apply(): tokens are accepted only after sampling."""
+        self._pending = None  # never let a step use another step's masks
+        ids = [rid for rid in request_ids if rid in self.matchers]
+        if not ids:
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
+        self._pending = (
+            {rid: i for i, rid in enumerate(ids)},
+            self._pool.submit(self.fill_bitmask, ids),
+        )
+
+    def _masks(self, ids: list[str]) -> torch.Tensor:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            rows, fut = pending
+            bitmask = fut.result()
+            if all(rid in rows for rid in ids):
+                return bitmask[[rows[rid] for rid in ids]]
+        return self.fill_bitmask(ids)
+
     def _executor(self) -> Any:
         if self._exec is None:
             import llguidance
@@ -187,7 +216,7 @@ class StructuredDecoding:
         if not rows:
             return logits
         t0 = time.perf_counter()
-        bitmask = self.fill_bitmask([request_ids[i] for i in rows])  # type: ignore[misc]
+        bitmask = self._masks([request_ids[i] for i in rows])  # type: ignore[misc]
         # The whole [N, V] mask built on the host in numpy (one copy to the device), then one
         # select: a few times cheaper than index_put + masked_fill over torch tensors on a CPU.
         allowed = np.ones(logits.shape, dtype=bool)

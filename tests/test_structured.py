@@ -197,3 +197,17 @@ def test_bench_structured_small(engine):
     r = closed_loop(engine, cases, batch=4, num_constrained=2, steps=6, warmup=2, plain_tokens=8)
     assert r["mask_rows_per_step"] == 2.0  # the closed loop keeps 2 constrained rows every step
     assert r["output_tokens"] >= 4 * 6 and not engine.requests
+
+
+def test_prefetched_masks_equal_synchronous_ones_and_never_go_stale(tok):
+    sd = StructuredDecoding(tok, len(tok), (tok.eos_token_id,))
+    sd.add("a", {"type": "json", "schema": SCHEMA})
+    sd.add("b", {"type": "json", "schema": schemas(3)[2]})
+    logits = torch.randn(3, len(tok))
+    sync = sd.apply(logits, ["b", None, "a"])
+    sd.prefetch(["a", "x", "b"])  # the step's sampling rows, any order
+    assert torch.equal(sd.apply(logits, ["b", None, "a"]), sync)
+    sd.prefetch(["a", "b"])
+    sd.accept("a", tok.encode("{", add_special_tokens=False))
+    sd.prefetch([])  # a later step without constrained rows drops the old prefetch
+    assert not torch.equal(sd.apply(logits, ["b", None, "a"]), sync)  # "a" moved on: fresh masks
