@@ -76,11 +76,13 @@ def choice_params(sampling: dict[str, Any], n: int) -> list[SamplingParams]:
 
 
 def api_error(e: BaseException, rid: str) -> APIError:
-    """The client's view of an engine error: bad input is a 400 naming the field, the rest 500."""
+    """The client's view of an engine error: bad input is a 400 naming the field, a stopped engine
+    a 503 (Serve replaces the replica), anything else a 500 without internals."""
     if isinstance(e, ValueError | TypeError):  # RequestError, GrammarError: typed field and code
         return APIError(400, str(e), param=getattr(e, "param", None), code=getattr(e, "code", None))
     if isinstance(e, EngineDeadError):
-        return APIError(503, f"engine stopped (request {rid}); retry", type="server_error")
+        msg = f"engine error: the replica's engine stopped (request {rid}); retry"
+        return APIError(503, msg, type="server_error")
     return APIError(500, f"engine error in request {rid}", type="server_error")
 
 
