@@ -188,6 +188,26 @@ def rss_mb(pid: int) -> float:
 
 # -- scenarios ------------------------------------------------------------------------------------
 running_at_kill: dict[str, int] = {}  # requests each replica ran when the last fault struck
+victim_tree: list[int] = []  # the killed process and its descendants
+
+
+def _orphans(wait_s: float = 15.0) -> int:
+    """Processes of the killed one's tree still alive ``wait_s`` later (an engine process must
+    follow its replica)."""
+    deadline = time.monotonic() + wait_s
+    alive = list(victim_tree)
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in alive if Path(f"/proc/{p}").exists() and _not_zombie(p)]
+        time.sleep(0.5)
+    victim_tree.clear()
+    return len(alive)
+
+
+def _not_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def _take_running_at_kill() -> dict[str, int]:
@@ -222,6 +242,9 @@ def kill_during_load(
                 raise RuntimeError(f"the load never got going: {stats}")
             await asyncio.sleep(0.1)
         pid, name = await asyncio.to_thread(victim_fn, stats)
+        from bench.soak import process_tree
+
+        victim_tree[:] = process_tree(pid)  # e.g. a replica and its engine process
         t_kill = time.monotonic()
         kill(pid)
         running_at_kill.update({k.rsplit("#", 1)[-1]: v["num_running"] for k, v in stats.items()})
@@ -240,6 +263,7 @@ def fault_row(outcomes: list, t_kill: float, recovery_s: float, **extra: Any) ->
         "recovery_s": round(recovery_s, 2),
         "max_error_after_kill_s": round(max(errs), 2) if errs else None,
         "running_at_kill": _take_running_at_kill(),
+        "orphans": _orphans(),
         **extra,
         "details": t.to_dict(),
     }
