@@ -292,6 +292,7 @@ def test_a_replica_killed_mid_stream_ends_its_streams_with_an_error_event(api):
     import signal
 
     from bench.reliability_load import stream_request
+    from bench.soak import process_tree
 
     async def main():
         async with httpx.AsyncClient(timeout=60) as http:
@@ -318,10 +319,12 @@ def test_a_replica_killed_mid_stream_ends_its_streams_with_an_error_event(api):
             victim_id = busy[0]
             survivor_id = next(k for k in stats if k != victim_id)
             both_busy = len(busy) == 2
+            tree[:] = process_tree(stats[victim_id]["pid"])  # the replica and its engine process
             t_kill = time.monotonic()
             os.kill(stats[victim_id]["pid"], signal.SIGKILL)
             return await asyncio.gather(*tasks), t_kill, survivor_id, both_busy
 
+    tree: list[int] = []
     outcomes, t_kill, survivor_id, both_busy = asyncio.run(main())
     kinds = [o.kind for o in outcomes]
     assert "lost" not in kinds, [o.detail for o in outcomes]
@@ -331,6 +334,10 @@ def test_a_replica_killed_mid_stream_ends_its_streams_with_an_error_event(api):
     for o in outcomes:
         if o.kind == "clean_error":
             assert o.ended - t_kill < 2.0, f"error event {o.ended - t_kill:.1f}s after the kill"
+    deadline = time.monotonic() + 15
+    while [p for p in tree if os.path.exists(f"/proc/{p}")]:  # nothing of the victim outlives it
+        assert time.monotonic() < deadline, [open(f"/proc/{p}/cmdline").read() for p in tree]
+        time.sleep(0.3)
     deadline = time.monotonic() + 30
     while True:  # the survivor finishes its streams and frees every block
         s = replica_stats_of(survivor_id)
