@@ -8,7 +8,7 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
-    """y = w * x / sqrt(mean(x^2) + eps), computed in float32 (as transformers' LlamaRMSNorm).
+    """y = w * x / sqrt(mean(x^2) + eps) (transformers' LlamaRMSNorm; in float32 the same op).
 
     ``forward(x, residual)`` fuses the residual add of a pre-norm block: it returns
     ``(norm(x + residual), x + residual)``; with ``residual=None`` it returns ``(norm(x), x)``."""
@@ -19,10 +19,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def norm(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        h = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps)
-        return self.weight * h.to(x.dtype)
+        # One fused op; for bfloat16 it accumulates in float32 and rounds once at the end.
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None

@@ -60,15 +60,17 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, meta: AttentionMetadata, attn: PagedAttention, kv):
         t = x.shape[0]
         qkv = self.qkv_proj(x)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(t, self.num_heads, self.head_dim)
-        k = k.view(t, self.num_kv_heads, self.head_dim)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q = self.q_norm.norm(q)
-            k = self.k_norm.norm(k)
-        q = apply_rotary(q, cos, sin)
-        k = apply_rotary(k, cos, sin)
+        v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is None:
+            # q and k heads side by side [T, H + Hkv, D]: one rotary pass for both.
+            qk = qkv[:, : self.q_size + self.kv_size].view(t, -1, self.head_dim)
+        else:
+            q, k = qkv[:, : self.q_size + self.kv_size].split([self.q_size, self.kv_size], -1)
+            q = self.q_norm.norm(q.view(t, self.num_heads, self.head_dim))
+            k = self.k_norm.norm(k.view(t, self.num_kv_heads, self.head_dim))
+            qk = torch.cat((q, k), dim=1)
+        qk = apply_rotary(qk, cos, sin)
+        q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         o = attn.forward(q, k, v, kv[0], kv[1], meta, self.scale)
         y = self.o_proj(o.view(t, self.q_size))
         if self.tp_group is not None:
