@@ -10,9 +10,11 @@ generator for the rest (one fill); the sampled token ids come to the host in one
 
 Hook for constraints (grammars, allowed-token masks): ``Sampler.logits_processors`` is a list of
 callables ``fn(logits [N, V] float32, reqs) -> logits`` applied in order to the rows of the
-requests that sample, before penalties and sampling (and before speculative verification, row by
-row over each request's ``1 + k`` rows, see ``sample_step``). A processor masks a row by setting
-disallowed tokens to ``-inf``; it may work in place and return its argument.
+requests that sample, before penalties and sampling. A speculating request's ``1 + k`` rows go
+through them too, with the request repeated once per row, but a row after a draft needs the state
+after that draft: requests whose processor keeps state (grammars) must not speculate
+(SpecController skips them). A processor masks a row by setting disallowed tokens to ``-inf``; it
+may work in place and return its argument.
 """
 
 from __future__ import annotations
