@@ -246,8 +246,8 @@ class ModelRunner:
 
     def pad_decode(self, num_real: int, num_padded: int) -> None:
         """Rows [num_real, num_padded) become dummy requests that write nowhere."""
+        assert num_padded <= min(self.max_seqs, self.max_tokens), num_padded
         if num_padded > num_real:
-            self._ensure_capacity(num_padded, num_padded, 1)
             self.input_ids.np[num_real:num_padded] = 0
             self.positions.np[num_real:num_padded] = 0
             self.slot_mapping.np[num_real:num_padded] = -1
