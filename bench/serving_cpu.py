@@ -5,7 +5,7 @@ replica, runs interleaved (A B A B ...) so machine noise hits both alike.
     flock /tmp/fleetlm-bench.lock python bench/serving_cpu.py --repeats 3 --json out.json
 
 Each run reports output tok/s, wall time, and per process kind CPU seconds (user + system, from
-psutil) over the run; "busy" is all CPU seconds over wall time (2.0 = both cores of this machine).
+/proc) over the run; "busy" is all CPU seconds over wall time (2.0 = both cores of this machine).
 """
 
 from __future__ import annotations
@@ -13,12 +13,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
-
-import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -27,13 +26,26 @@ from routing import cluster_config, deploy_and_wait, free_port, undeploy, warm_u
 from cluster.bench.client import run_workload  # noqa: E402
 from cluster.bench.workloads import make_workload  # noqa: E402
 
+CLK = os.sysconf("SC_CLK_TCK")
 
-def kind(p: psutil.Process) -> str | None:
-    try:
-        cmd = " ".join(p.cmdline())
-        name = p.name()
-    except psutil.Error:
-        return None
+
+def proc_table() -> list[tuple[str, float]]:
+    """(command line, CPU seconds) of every process of this machine (/proc)."""
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        out.append((cmd, (int(fields[11]) + int(fields[12])) / CLK))  # utime + stime
+    return out
+
+
+def kind(cmd: str) -> str | None:
     if "engine.engine_core" in cmd:
         return "engine_core"
     for tag, k in (
@@ -41,27 +53,22 @@ def kind(p: psutil.Process) -> str | None:
         ("OpenAIIngress", "ingress"),
         ("ProxyActor", "proxy"),
         ("ServeController", "controller"),
+        ("raylet", "ray_system"),
+        ("gcs_server", "ray_system"),
     ):
-        if tag in name or tag in cmd:
+        if tag in cmd:
             return k
-    if "raylet" in cmd or "gcs_server" in cmd:
-        return "ray_system"
     return None
 
 
 def cpu_by_kind() -> dict[str, float]:
     out: dict[str, float] = {}
-    for p in psutil.process_iter():
-        k = kind(p)
-        if k is None:
-            continue
-        try:
-            t = p.cpu_times()
-        except psutil.Error:
-            continue
-        out[k] = out.get(k, 0.0) + t.user + t.system
-    me = psutil.Process().cpu_times()
-    out["client"] = me.user + me.system
+    for cmd, cpu in proc_table():
+        k = kind(cmd)
+        if k is not None:
+            out[k] = out.get(k, 0.0) + cpu
+    t = os.times()
+    out["client"] = t.user + t.system
     return out
 
 
@@ -85,8 +92,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json")
     args = p.parse_args(argv)
-    import os
-
     import ray
     from ray import serve
 
