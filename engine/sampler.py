@@ -115,14 +115,26 @@ class Sampler:
                 res.logprobs[i] = [lp] if lp is not None else None
 
     def _verify_rows(self, logits, spec, reqs, res: RunnerOutput) -> None:
-        for i, row, drafts in spec:
+        rows_of = {
+            i: self.process(logits[row : row + len(d) + 1], [reqs[i]] * (len(d) + 1))
+            for i, row, d in spec
+        }
+        greedy = [i for i, _, _ in spec if reqs[i].params.greedy]
+        targets: dict[int, list[int]] = {}
+        if greedy:  # every greedy request's argmax rows in one host copy
+            flat = torch.cat([torch.argmax(rows_of[i], dim=-1) for i in greedy]).tolist()
+            at = 0
+            for i in greedy:
+                n = rows_of[i].shape[0]
+                targets[i], at = flat[at : at + n], at + n
+        for i, _, drafts in spec:
             k = len(drafts)
-            rows = self.process(logits[row : row + k + 1], [reqs[i]] * (k + 1))
+            rows = rows_of[i]
             res.num_draft_tokens[i] = k
             p = reqs[i].params
             try:
                 if p.greedy:
-                    accepted = verify_greedy(torch.argmax(rows, dim=-1).tolist(), drafts)
+                    accepted = verify_greedy(targets[i], drafts)
                 else:
                     accepted = verify(
                         rows,
