@@ -1,0 +1,138 @@
+"""Where a decode step's milliseconds go: W1's batch (32 requests, 128-token prompts) decoding on
+the demo model, timed per step and per op with torch.profiler; the paged-attention kernels and the
+engine's phases are wrapped in named ranges, so they show up beside aten's ops.
+
+    python bench/decode_budget.py [--model demo] [--dtype float32] [--batch 32] [--steps 20]
+
+Prints a budget table (ms per decode step): the whole step's wall time, the model forward and each
+op group inside it, and the host work outside the forward (scheduling, input buffers, sampling,
+detokenizing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.models.attention import PagedAttention
+from engine.models.demo import resolve_model
+from engine.sampling_params import SamplingParams
+
+# aten op -> budget group (anything else: "other aten ops")
+GROUPS = {
+    "aten::mm": "matmul",
+    "aten::addmm": "matmul",
+    "aten::_fused_rms_norm": "RMSNorm",
+    "aten::silu": "SiLU * up",
+    "aten::embedding": "embedding",
+    "aten::index": "rotary table lookup",
+    "aten::argmax": "sampling",
+}
+
+
+def _wrap(cls, name: str, label: str) -> None:
+    fn = getattr(cls, name)
+
+    def wrapped(*args, **kwargs):
+        with record_function(label):
+            return fn(*args, **kwargs)
+
+    setattr(cls, name, wrapped)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--model", default="demo")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--model-impl", default="auto")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=20)
+    args = ap.parse_args()
+
+    eng = LLMEngine(
+        EngineConfig(model=resolve_model(args.model), dtype=args.dtype, model_impl=args.model_impl)
+    )
+    g = torch.Generator().manual_seed(0)
+    sp = SamplingParams(temperature=0, max_tokens=2 * args.steps + 8, ignore_eos=True)
+    for _ in range(args.batch):
+        eng.add_request(None, torch.randint(10, 4000, (128,), generator=g).tolist(), sp)
+    while eng.scheduler.waiting or any(
+        r.num_computed_tokens < r.num_prompt_tokens for r in eng.scheduler.running
+    ):
+        eng.step()
+    for _ in range(3):
+        eng.step()  # warm
+    walls = []
+    for _ in range(args.steps):
+        t = time.perf_counter()
+        eng.step()
+        walls.append(time.perf_counter() - t)
+    step_ms = statistics.median(walls) * 1000
+
+    # Named ranges for what aten does not see (our kernels) and the engine's phases.
+    _wrap(PagedAttention, "paged", "paged attention kernel")
+    _wrap(PagedAttention, "store_kv", "store K/V")
+    runner = eng.runner
+    _wrap(type(runner), "forward", "runner.forward")
+    _wrap(type(runner.sampler), "sample_step", "sampler")
+    _wrap(type(eng.scheduler), "schedule", "scheduler.schedule")
+    _wrap(type(eng.scheduler), "update", "scheduler.update")
+    if runner.own:
+        _wrap(type(runner), "prepare_decode", "input buffers")
+        _wrap(type(runner.model), "forward", "model forward")
+        _wrap(type(runner.model), "compute_logits", "LM head")
+    n = args.steps
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(n):
+            eng.step()
+    per: dict[str, float] = defaultdict(float)
+    ranges: dict[str, float] = {}
+    for e in prof.key_averages():
+        ms = e.self_cpu_time_total / 1000 / n
+        if e.key in (
+            "paged attention kernel",
+            "store K/V",
+            "runner.forward",
+            "sampler",
+            "scheduler.schedule",
+            "scheduler.update",
+            "input buffers",
+            "model forward",
+            "LM head",
+        ):
+            ranges[e.key] = e.cpu_time_total / 1000 / n
+            per[e.key] += ms  # the kernels' own time (pybind calls are not aten ops)
+        else:
+            per[GROUPS.get(e.key, "other aten ops")] += ms
+    print(
+        f"decode step, batch {args.batch}, {args.model} {args.dtype} "
+        f"({'own model code' if runner.own else 'transformers modules'}), "
+        f"threads {torch.get_num_threads()}"
+    )
+    print(f"  wall time per step (median of {args.steps}, no profiler): {step_ms:7.2f} ms")
+    for k in (
+        "runner.forward",
+        "model forward",
+        "LM head",
+        "input buffers",
+        "sampler",
+        "scheduler.schedule",
+        "scheduler.update",
+    ):
+        if k in ranges:
+            print(f"  [range] {k:28s} {ranges[k]:7.2f} ms (inclusive, under the profiler)")
+    print("  self time by op group (ms per step, under the profiler):")
+    for k, v in sorted(per.items(), key=lambda kv: -kv[1]):
+        if v >= 0.01:
+            print(f"    {k:30s} {v:7.2f}")
+
+
+if __name__ == "__main__":
+    main()
