@@ -85,7 +85,9 @@ class LLMEngine:
         self.sampler: Sampler = self.runner.sampler
         # Grammar matchers of constrained requests (response_format, tool calls); their masks
         # reach the logits through the sampler's processor hook.
-        self.structured = StructuredDecoding(self.tokenizer, self.vocab_size, self.eos_token_ids)
+        self.structured = StructuredDecoding(
+            self.tokenizer, self.vocab_size, self.eos_token_ids, self.runner.device
+        )
         self.sampler.logits_processors.append(self._grammar_masks)
         self.spec: SpecController | None = None
         self.draft_runner: ModelRunner | None = None
