@@ -367,6 +367,7 @@ def test_a_killed_engine_core_fails_its_requests_and_the_replica_reports_unhealt
             "name": "tiny",
             "model": "demo-small",
             "engine": {"num_kv_blocks": 32, "max_model_len": 128},
+            "engine_process": True,
         }
     )
 
