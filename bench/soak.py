@@ -32,11 +32,13 @@ def process_tree(pid: int) -> list[int]:
     while todo:
         p = todo.pop()
         out.append(p)
-        try:
-            kids = Path(f"/proc/{p}/task/{p}/children").read_text().split()
-        except OSError:
-            kids = []
-        todo.extend(int(k) for k in kids)
+        # Each thread lists the children it started (a replica starts its engine process from a
+        # worker thread, not the main one).
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                todo.extend(int(k) for k in (task / "children").read_text().split())
+            except OSError:
+                continue
     return out
 
 
