@@ -109,10 +109,6 @@ class StructuredDecoding:
         self._ll_tokenizer: Any = None  # built on the first constrained request (~1 s at 150k)
         self._compiled: OrderedDict[str, Any] = OrderedDict()  # spec key -> fresh matcher
         self.matchers: dict[str, Any] = {}
-        # Mask-filling threads (Rust, GIL released); 1 on a small CPU host where the model's own
-        # threads use every core anyway.
-        self.num_threads = max(1, min(4, (os.cpu_count() or 1) // 4))
-        self._exec: Any = None
         # Masks of the step being computed, filled while the model runs (see prefetch()), but only
         # where a core is spare: on a CPU whose cores all run the model's OpenMP threads, a fill
         # thread beside them slowed every step (measured: 0.87x -> 0.78x at batch 32, 2 cores).
@@ -173,16 +169,16 @@ class StructuredDecoding:
 
     def fill_bitmask(self, request_ids: list[str]) -> torch.Tensor:
         """[len(request_ids), ceil(V / 32)] int32 bitmask (bit t of the row: token t allowed).
-        One call into llguidance's executor fills every row with the GIL released."""
+        Row by row on the calling thread (each call releases the GIL): llguidance's own
+        executor adds a worker thread beside the model's OpenMP threads, which a CPU host
+        whose cores all run the model can't spare."""
         words = (self.vocab_size + 31) // 32
         mask = torch.empty((len(request_ids), words), dtype=torch.int32)
-        matchers = [self.matchers[rid] for rid in request_ids]
-        self._executor().unsafe_compute_mask_ptr(
-            [(m, i) for i, m in enumerate(matchers)], mask.data_ptr(), words * 4, len(matchers)
-        )
-        for i, m in enumerate(matchers):
+        for i, rid in enumerate(request_ids):
+            m = self.matchers[rid]
+            row = mask[i]
+            m.unsafe_compute_mask_ptr(row.data_ptr(), words * 4)
             if m.is_error():  # nothing valid is left: let only EOS end the request
-                row = mask[i]
                 row.zero_()
                 for t in self.eos_token_ids:
                     row[t // 32] |= _bit(t % 32)
@@ -212,13 +208,6 @@ class StructuredDecoding:
             if all(rid in rows for rid in ids):
                 return bitmask[[rows[rid] for rid in ids]]
         return self.fill_bitmask(ids)
-
-    def _executor(self) -> Any:
-        if self._exec is None:
-            import llguidance
-
-            self._exec = llguidance.LLExecutor(num_threads=self.num_threads)
-        return self._exec
 
     def apply(self, logits: torch.Tensor, request_ids: list[str | None]) -> torch.Tensor:
         """``logits`` [N, V] with the constrained rows masked (a new tensor: the runner's logits
