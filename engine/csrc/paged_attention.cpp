@@ -39,21 +39,46 @@ inline void axpy(float w, const T* x, float* y, int64_t n) {
   for (int64_t d = 0; d < n; ++d) y[d] += w * static_cast<float>(x[d]);
 }
 
+// exp(x) for x <= 0 (scores minus their max), written so the softmax loop vectorizes (std::exp
+// does not without -ffast-math): x = n*ln2 + g with n = round(x / ln2), |g| <= ln2 / 2, and e^g
+// by its Taylor series to degree 7 (relative error < 1e-8 on that range), times 2^n through the
+// exponent bits. Below -87 the result is flushed to e^-87 (~1.6e-38: weight 0 after
+// normalisation either way).
+inline float exp_nonpos(float x) {
+  x = x < -87.f ? -87.f : x;
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  const float g = x - n * 0.693145751953125f - n * 1.42860682030941723212e-6f;
+  float p = 1.f / 5040.f;
+  p = p * g + 1.f / 720.f;
+  p = p * g + 1.f / 120.f;
+  p = p * g + 1.f / 24.f;
+  p = p * g + 1.f / 6.f;
+  p = p * g + 0.5f;
+  p = p * g + 1.f;
+  p = p * g + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
 // One query row (all H heads) over L context positions given by slot_of(l).
 template <typename T, typename SlotFn>
 inline void attend_row(const T* qrow, const T* kp, const T* vp, T* orow, int64_t L, int64_t Hkv,
                        int64_t G, int64_t D, float scale, SlotFn slot_of,
-                       std::vector<float>& scores, std::vector<float>& qf,
-                       std::vector<float>& acc) {
+                       std::vector<float>& scores, std::vector<int64_t>& slots,
+                       std::vector<float>& qf, std::vector<float>& acc) {
   const int64_t H = Hkv * G;
   if (L <= 0) {
     for (int64_t i = 0; i < H * D; ++i) orow[i] = static_cast<T>(0.f);
     return;
   }
   if (static_cast<int64_t>(scores.size()) < H * L) scores.resize(H * L);
+  if (static_cast<int64_t>(slots.size()) < L) slots.resize(L);
+  for (int64_t l = 0; l < L; ++l) slots[l] = slot_of(l);
   for (int64_t i = 0; i < H * D; ++i) qf[i] = static_cast<float>(qrow[i]) * scale;
   for (int64_t l = 0; l < L; ++l) {
-    const T* kslot = kp + slot_of(l) * Hkv * D;
+    const T* kslot = kp + slots[l] * Hkv * D;
     for (int64_t h = 0; h < Hkv; ++h)
       for (int64_t g = 0; g < G; ++g)
         scores[(h * G + g) * L + l] = dot(qf.data() + (h * G + g) * D, kslot + h * D, D);
@@ -63,16 +88,18 @@ inline void attend_row(const T* qrow, const T* kp, const T* vp, T* orow, int64_t
     float m = -INFINITY;
     for (int64_t l = 0; l < L; ++l) m = sg[l] > m ? sg[l] : m;
     float z = 0.f;
+#pragma omp simd reduction(+ : z)
     for (int64_t l = 0; l < L; ++l) {
-      sg[l] = std::exp(sg[l] - m);
+      sg[l] = exp_nonpos(sg[l] - m);
       z += sg[l];
     }
     const float inv = 1.f / z;
+#pragma omp simd
     for (int64_t l = 0; l < L; ++l) sg[l] *= inv;
   }
   std::fill(acc.begin(), acc.end(), 0.f);
   for (int64_t l = 0; l < L; ++l) {
-    const T* vslot = vp + slot_of(l) * Hkv * D;
+    const T* vslot = vp + slots[l] * Hkv * D;
     for (int64_t h = 0; h < Hkv; ++h)
       for (int64_t g = 0; g < G; ++g)
         axpy(scores[(h * G + g) * L + l], vslot + h * D, acc.data() + (h * G + g) * D, D);
@@ -98,6 +125,7 @@ void varlen_impl(const torch::Tensor& q, const torch::Tensor& k, const torch::Te
     for (int32_t t = qs[n]; t < qs[n + 1]; ++t) seq_of[t] = static_cast<int32_t>(n);
   at::parallel_for(0, num_rows, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores, qf(H * D), acc(H * D);
+    std::vector<int64_t> slots;
     for (int64_t t = begin; t < end; ++t) {
       const int32_t n = seq_of[t];
       int64_t L = 0;
@@ -109,8 +137,8 @@ void varlen_impl(const torch::Tensor& q, const torch::Tensor& k, const torch::Te
       auto slot_of = [&](int64_t l) -> int64_t {
         return static_cast<int64_t>(row_bt[l / block_size]) * block_size + l % block_size;
       };
-      attend_row<scalar_t>(qp + t * H * D, kp, vp, op + t * H * D, L, Hkv, G, D, scale, slot_of, scores,
-                    qf, acc);
+      attend_row<scalar_t>(qp + t * H * D, kp, vp, op + t * H * D, L, Hkv, G, D, scale, slot_of,
+                           scores, slots, qf, acc);
     }
   });
 }
@@ -162,10 +190,11 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k, torch::Tensor v, to
   const float sc = static_cast<float>(scale);
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores, qf(Hkv * G * D), acc(Hkv * G * D);
+    std::vector<int64_t> slots;
     for (int64_t b = begin; b < end; ++b) {
       const int64_t* sb = sp + b * Lmax;
       attend_row<float>(qp + b * Hkv * G * D, kp, vp, op + b * Hkv * G * D, lp[b], Hkv, G, D, sc,
-                        [&](int64_t l) { return sb[l]; }, scores, qf, acc);
+                        [&](int64_t l) { return sb[l]; }, scores, slots, qf, acc);
     }
   });
   return out;
