@@ -162,7 +162,18 @@ class StructuredDecoding:
         self.matchers[request_id] = self.compile(spec)
 
     def forget(self, request_id: str) -> None:
+        self._drain()
         self.matchers.pop(request_id, None)
+
+    def _drain(self) -> None:
+        """Drop an unused prefetch, first letting its fill finish: a matcher may be borrowed by
+        one thread at a time, so nothing touches the matchers while a fill is running."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            try:
+                pending[1].result()
+            except Exception:  # the fill's own error surfaces where its masks are used
+                pass
 
     def constrained(self, request_id: str) -> bool:
         return request_id in self.matchers
@@ -189,7 +200,7 @@ class StructuredDecoding:
         that will sample) on a worker thread; apply() picks them up. llguidance releases the GIL,
         so the fill overlaps the model's forward. The matchers are not touched again before
         apply(): tokens are accepted only after sampling."""
-        self._pending = None  # never let a step use another step's masks
+        self._drain()  # never let a step use another step's masks
         ids = [rid for rid in request_ids if rid in self.matchers]
         if not ids or not self.overlap:
             return
@@ -233,6 +244,7 @@ class StructuredDecoding:
         m = self.matchers.get(request_id)
         if m is None:
             return False
+        self._drain()
         for t in token_ids:
             if t in self.eos_token_ids and m.is_accepting():
                 return True
