@@ -15,6 +15,7 @@ pytestmark = pytest.mark.ray
 APP = "autoscaling-llm-test"
 MODEL = "demo-small"
 DEP = f"LLMServer-{MODEL}"
+BURST_TOKENS = 256
 POLICY = f"""
 models:
   {MODEL}:
@@ -92,11 +93,12 @@ def test_llm_replicas_scale_on_engine_queue_and_drain_on_scale_down(ray_session)
         async def drive() -> list[tuple[str | None, int]]:
             mux = new_channel_mux(handle)
             tasks = []
-            # burst: 24 requests of 96 tokens in 2.4 s, then a trickle for 24 s that keeps
-            # requests streaming while the second replica is chosen for removal and drains
+            # burst: 24 requests of 256 tokens in 0.5 s (a queue of several seconds even on a
+            # fast engine: 2 running sequences), then a trickle for 24 s that keeps requests
+            # streaming while the second replica is chosen for removal and drains
             for i in range(24):
-                tasks.append(asyncio.create_task(one(handle, mux, i, 96)))
-                await asyncio.sleep(0.1)
+                tasks.append(asyncio.create_task(one(handle, mux, i, BURST_TOKENS)))
+                await asyncio.sleep(0.02)
             for i in range(24, 36):
                 tasks.append(asyncio.create_task(one(handle, mux, i, 32)))
                 states.append(await asyncio.to_thread(replica_states))
@@ -109,7 +111,7 @@ def test_llm_replicas_scale_on_engine_queue_and_drain_on_scale_down(ray_session)
         t0 = time.time()
         results = asyncio.run(drive())
         assert [e for e, _ in results if e] == []
-        assert [n for _, n in results] == [96] * 24 + [32] * 12
+        assert [n for _, n in results] == [BURST_TOKENS] * 24 + [32] * 12
         hist = get_history(DEP)[DEP]
         ups = [e for e in hist if e["t"] >= t0 and e["reason"].startswith("scale up 1->2")]
         assert ups, hist
