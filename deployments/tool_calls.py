@@ -43,12 +43,45 @@ def _args_key(fmt: str) -> str:
     return "parameters" if fmt == "llama3_json" else "arguments"
 
 
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SCHEMA_LISTS = ("anyOf", "allOf", "oneOf", "prefixItems")
+_SCHEMA_ONE = ("items", "not", "if", "then", "else", "contains", "additionalItems")
+
+
+def closed_schema(schema: Any) -> Any:
+    """A copy of ``schema`` where every object schema that doesn't say otherwise takes no
+    properties beyond those it names (``additionalProperties: false``), as OpenAI's strict
+    function calling and xgrammar's strict mode read a schema: a forced call's arguments then
+    hold only the declared parameters, so they end instead of growing extra keys. Walks schema
+    positions only (never ``enum``/``const``/``default`` values, never a property's name)."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _SCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {k: closed_schema(v) for k, v in out[key].items()}
+    for key in _SCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [closed_schema(v) for v in out[key]]
+    for key in _SCHEMA_ONE:
+        if key in out:
+            v = out[key]
+            out[key] = [closed_schema(x) for x in v] if isinstance(v, list) else closed_schema(v)
+    if isinstance(out.get("additionalProperties"), dict):
+        out["additionalProperties"] = closed_schema(out["additionalProperties"])
+    is_object = out.get("type") == "object" or "properties" in out
+    if is_object and "additionalProperties" not in out and "patternProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
 def call_schema(tools: list[dict[str, Any]], fmt: str) -> dict[str, Any]:
-    """JSON schema of one call to any of ``tools`` (OpenAI tool dicts)."""
+    """JSON schema of one call to any of ``tools`` (OpenAI tool dicts); the arguments follow
+    the function's parameters schema, read strictly (``closed_schema``)."""
     options = []
     for t in tools:
         fn = t["function"]
-        params = fn.get("parameters") or {"type": "object", "properties": {}}
+        params = closed_schema(fn.get("parameters") or {"type": "object", "properties": {}})
         options.append(
             {
                 "type": "object",

@@ -154,3 +154,31 @@ def test_cluster_file_overrides_the_template_choice():
     assert load_runtime(mc, None).tool_parser == "llama3_json"
     with pytest.raises(ValidationError, match="tool_parser"):
         ModelConfig.model_validate({**base, "tool_parser": "xml"})
+
+
+def test_closed_schema_closes_every_object_schema_and_only_schema_positions():
+    from deployments.tool_calls import closed_schema
+
+    schema = {
+        "type": "object",
+        "properties": {
+            "properties": {"type": "object", "properties": {"a": {"type": "integer"}}},
+            "tags": {"type": "array", "items": {"type": "object", "properties": {}}},
+            "open": {"type": "object", "additionalProperties": True},
+            "kind": {"anyOf": [{"type": "object", "properties": {"x": {}}}, {"type": "null"}]},
+            "mode": {"enum": [{"type": "object"}], "default": {"type": "object"}},
+        },
+        "$defs": {"d": {"type": "object"}},
+    }
+    got = closed_schema(schema)
+    assert got["additionalProperties"] is False
+    p = got["properties"]
+    assert set(p) == {"properties", "tags", "open", "kind", "mode"}  # names untouched
+    assert p["properties"]["additionalProperties"] is False
+    assert p["tags"]["items"]["additionalProperties"] is False
+    assert p["open"]["additionalProperties"] is True  # an explicit choice is kept
+    assert p["kind"]["anyOf"][0]["additionalProperties"] is False
+    assert p["kind"]["anyOf"][1] == {"type": "null"}
+    assert p["mode"] == {"enum": [{"type": "object"}], "default": {"type": "object"}}
+    assert got["$defs"]["d"]["additionalProperties"] is False
+    assert "additionalProperties" not in schema  # the caller's schema is not modified
