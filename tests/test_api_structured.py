@@ -13,6 +13,7 @@ import jsonschema
 import openai
 import pytest
 from pydantic import BaseModel, Field
+from tool_fixtures import TIME, WEATHER
 
 pytestmark = pytest.mark.ray
 
@@ -46,34 +47,6 @@ PERSON = {
     },
     "required": ["name", "age", "role", "tags", "boss"],
     "additionalProperties": False,
-}
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string", "maxLength": 12},
-                "unit": {"type": "string", "enum": ["c", "f"]},
-            },
-            "required": ["city", "unit"],
-            "additionalProperties": False,
-        },
-    },
-}
-TIME = {
-    "type": "function",
-    "function": {
-        "name": "get_time",
-        "parameters": {
-            "type": "object",
-            "properties": {"tz": {"type": "integer", "minimum": -12, "maximum": 14}},
-            "required": ["tz"],
-            "additionalProperties": False,
-        },
-    },
 }
 PARAMS = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, TIME)}
 ASK = [{"role": "user", "content": "Describe someone."}]

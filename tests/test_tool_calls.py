@@ -7,38 +7,11 @@ import json
 
 import jsonschema
 import pytest
+from tool_fixtures import TIME, WEATHER
 
 from deployments.openai_format import ChoiceState, ChunkWriter, chat_body
 from deployments.tool_calls import ToolStream, parse_tool_calls, parser_for_template, tool_grammar
 from engine.models.demo import CHAT_TEMPLATE
-
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string", "maxLength": 12},
-                "unit": {"type": "string", "enum": ["c", "f"]},
-            },
-            "required": ["city", "unit"],
-            "additionalProperties": False,
-        },
-    },
-}
-TIME = {
-    "type": "function",
-    "function": {
-        "name": "get_time",
-        "parameters": {
-            "type": "object",
-            "properties": {"tz": {"type": "integer", "minimum": -12, "maximum": 14}},
-            "required": ["tz"],
-            "additionalProperties": False,
-        },
-    },
-}
 
 
 def test_parser_chosen_from_template():
