@@ -513,6 +513,7 @@ def _w6_main(a: argparse.Namespace) -> None:
             rates=tuple(a.rates) if a.rates else tuple(n * r for r in (1.0, 1.5, 2.0)),
             step_s=a.step_s,
             kv_fraction=0.8 / n,
+            tenant_skew=a.tenant_skew,
         )
         print(
             f"\n== W6 on {n} replicas ({ev}): {w6.tenants} tenants x {w6.users} users, "
@@ -576,6 +577,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rates", type=float, nargs="+", help="W6 (default: 1, 1.5, 2 per replica)")
     p.add_argument("--step-s", type=float, default=60.0, help="W6: seconds per rate")
     p.add_argument("--shift", action="store_true", help="W6: new tenants halfway through a step")
+    p.add_argument(
+        "--tenant-skew",
+        type=float,
+        default=0.0,
+        help="W6: Zipf exponent of tenant popularity (0: uniform, as WORKLOADS.md's W6)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="every run, not just means")
     a = p.parse_args(argv)
     default = W6_POLICIES if a.workload == "w6" else ("prefix_aware", "pow2", "round_robin")

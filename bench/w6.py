@@ -39,6 +39,9 @@ class W6:
     seed: int = 0
     kv_fraction: float = 0.4
     room_requests: int = 8
+    # Tenant popularity: 0 draws tenants uniformly (W6 as WORKLOADS.md defines it); s > 0 draws
+    # tenant k (k = 1..T) with probability proportional to 1 / k**s (Zipf), then a user uniformly.
+    tenant_skew: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("tenants", "prefix_len", "users", "question_len", "output_len"):
@@ -53,6 +56,8 @@ class W6:
             raise ValueError(f"kv_fraction must be > 0, got {self.kv_fraction}")
         if self.room_requests < 0:
             raise ValueError(f"room_requests must be >= 0, got {self.room_requests}")
+        if not self.tenant_skew >= 0:
+            raise ValueError(f"tenant_skew must be >= 0, got {self.tenant_skew}")
 
     @property
     def prompt_len(self) -> int:
@@ -76,15 +81,27 @@ class W6:
             out.extend(prefix + sampler.draw(self.question_len) for _ in range(self.users))
         return out
 
+    def tenant_weights(self) -> list[float]:
+        """Each tenant's share of the arrivals (uniform, or Zipf with ``tenant_skew``)."""
+        w = [1.0 / (k + 1) ** self.tenant_skew for k in range(self.tenants)]
+        total = sum(w)
+        return [x / total for x in w]
+
     def steps(self) -> list[WorkloadSpec]:
-        """One Poisson workload per rate: round(rate x step_s) arrivals of uniformly drawn users."""
+        """One Poisson workload per rate: round(rate x step_s) arrivals, each a user of a tenant
+        drawn by ``tenant_weights()`` (uniformly drawn users when ``tenant_skew`` is 0)."""
         prompts = self.prompts()
         rng = random.Random(self.seed + 1)
+        weights = self.tenant_weights()
         out = []
         for rate in self.rates:
             reqs = []
             for _ in range(max(1, round(rate * self.step_s))):
-                i = rng.randrange(len(prompts))
+                if self.tenant_skew:
+                    t = rng.choices(range(self.tenants), weights)[0]
+                    i = t * self.users + rng.randrange(self.users)
+                else:
+                    i = rng.randrange(len(prompts))
                 reqs.append(
                     RequestSpec(
                         prompts[i],

@@ -91,6 +91,26 @@ def test_w6_sizing_prompts_and_ideal_hit_rate():
     assert rates == [pytest.approx(64 / 192), pytest.approx(64 / 96)]
 
 
+def test_w6_tenant_skew_draws_zipf_popularity():
+    from bench.w6 import W6, tenant_of
+
+    assert W6(tenants=3).tenant_weights() == [pytest.approx(1 / 3)] * 3
+    w = W6(tenants=3, tenant_skew=1.0, rates=(50.0,), step_s=40.0)
+    # 1, 1/2, 1/3 normalised: 6/11, 3/11, 2/11
+    assert w.tenant_weights() == pytest.approx([6 / 11, 3 / 11, 2 / 11])
+    (step,) = w.steps()
+    counts = [sum(1 for r in step.requests if tenant_of(r.tag) == f"t{k}") for k in range(3)]
+    assert len(step.requests) == 2000 and counts[0] > counts[1] > counts[2]
+    assert counts[0] / 2000 == pytest.approx(6 / 11, abs=0.04)
+    # each request's prompt is its tag's prompt
+    prompts = w.prompts()
+    for r in step.requests[:50]:
+        t, u = (int(x) for x in r.tag[1:].split("u"))
+        assert r.prompt == prompts[t * w.users + u]
+    with pytest.raises(ValueError, match="tenant_skew"):
+        W6(tenant_skew=-1.0)
+
+
 def test_w6_summary_takes_the_highest_rate_pow2_completes_and_targets():
     from bench.routing import w6_summary, w6_targets
 
