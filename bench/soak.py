@@ -61,14 +61,22 @@ def soak(root: str, duration_s: float, max_tokens: int = 128) -> dict[str, Any]:
     app, dep = "rel-soak", server_name(MODEL)
     base = deploy(root, build_app(cluster_config(REPLICAS)), app)
     pids: list[int] = []
-    for prefix in (replica_prefix(app, dep), replica_prefix(app, INGRESS_NAME)):
+    names: dict[int, str] = {}
+    # Replicas (and their engine processes), the ingress, Serve's proxy and controller.
+    prefixes = (replica_prefix(app, dep), replica_prefix(app, INGRESS_NAME), "SERVE_PROXY_ACTOR",
+                "SERVE_CONTROLLER_ACTOR")  # fmt: skip
+    for prefix in prefixes:
         for a in actors(prefix):
-            pids += process_tree(a["pid"])
+            for p in process_tree(a["pid"]):
+                pids.append(p)
+                names[p] = a["name"].split("#", 1)[-1] if p == a["pid"] else f"child of {a['pid']}"
     concurrency = max(1, int(LOAD_FRACTION * REPLICAS * ENGINE["max_num_seqs"]))
     warmup_s = min(60.0, duration_s * 0.2)
     t_start = time.monotonic()
     deadline = t_start + duration_s
     rss_warm: dict[int, float] = {}
+    samples: list[dict[str, Any]] = []  # RSS (MB) per process every sample_s: the trend
+    sample_s = max(10.0, duration_s / 20)
     outcomes: list = []
 
     async def client(c: int, http: httpx.AsyncClient) -> None:
@@ -81,11 +89,16 @@ def soak(root: str, duration_s: float, max_tokens: int = 128) -> dict[str, Any]:
             i += concurrency
 
     async def monitor() -> None:
-        edited = False
+        edited, next_sample = False, t_start
         while time.monotonic() < deadline:
             now = time.monotonic()
             if not rss_warm and now - t_start >= warmup_s:
                 rss_warm.update({p: rss_mb(p) for p in pids})
+            if now >= next_sample:
+                next_sample += sample_s
+                samples.append(
+                    {"t_s": round(now - t_start), "rss_mb": [round(rss_mb(p), 1) for p in pids]}
+                )
             if not edited and now - t_start >= duration_s / 2:
                 edited = True
                 policy = Policy.from_dict({"default": {"target_queue_depth": 6}})
@@ -98,11 +111,12 @@ def soak(root: str, duration_s: float, max_tokens: int = 128) -> dict[str, Any]:
 
     asyncio.run(main())
     rss_end = {p: rss_mb(p) for p in pids}
-    growth = [
-        100.0 * (rss_end[p] - rss_warm[p]) / rss_warm[p]
+    growth_by_pid = {
+        p: 100.0 * (rss_end[p] - rss_warm[p]) / rss_warm[p]
         for p in pids
         if rss_warm.get(p) and rss_end.get(p)
-    ]
+    }
+    growth = list(growth_by_pid.values())
     leaked = leaked_blocks(app, dep, settle_s=60)
     from ray import serve
 
@@ -117,6 +131,17 @@ def soak(root: str, duration_s: float, max_tokens: int = 128) -> dict[str, Any]:
         "concurrency": concurrency,
         "leaked_blocks": leaked,
         "outcomes": t.to_dict(),
+        "per_process": [
+            {
+                "pid": p,
+                "name": names.get(p, ""),
+                "rss_warm_mb": round(rss_warm.get(p, 0), 1),
+                "rss_end_mb": round(rss_end.get(p, 0), 1),
+                "growth_pct": round(growth_by_pid[p], 2) if p in growth_by_pid else None,
+            }
+            for p in pids
+        ],
+        "rss_samples": samples,
     }
 
 
