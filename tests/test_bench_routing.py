@@ -40,6 +40,22 @@ def test_targets_ratios():
     assert t["mean_ttft_ratio_vs_pow2"] == pytest.approx(0.3) and t["ttft_target_met"]
     t = targets({"W1_http": {"fleetlm": 90.0, "vllm": 100.0}})
     assert t["w1_ratio_vs_vllm"] == pytest.approx(0.9) and not t["w1_target_met"]
+    w1 = {"fleetlm": 130.0, "vllm": 100.0, "fleetlm_offline": 200.0}
+    w1["fleetlm_direct_ingress"] = 150.0
+    t = targets({"W1_http": w1})
+    assert t["w1_target_met"] and t["w1_served_over_offline"] == pytest.approx(0.65)
+    assert t["w1_direct_ingress_ratio_vs_vllm"] == pytest.approx(1.5)
+    assert t["w1_direct_ingress_over_offline"] == pytest.approx(0.75)
+
+
+def test_w1_runs_each_send_prompts_of_their_own():
+    from bench.routing import w1_seeds
+    from cluster.bench.workloads import make_workload
+
+    seeds = w1_seeds(parse_args(["--w1-repeats", "3", "--seed", "5"]))
+    assert seeds == [5, 6, 7, 8]  # the unmeasured run, then three measured ones
+    firsts = {tuple(make_workload("W1", seed=s).requests[0].prompt[:16]) for s in seeds}
+    assert len(firsts) == len(seeds)  # no run's first block is another run's
 
 
 def test_routing_sim_prefix_aware_keeps_groups_on_one_replica():
