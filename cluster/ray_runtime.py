@@ -28,6 +28,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -330,6 +331,10 @@ def connect(address: str, auth_mode: str) -> None:
         pass
     if ray.is_initialized():
         return
+    # ray.init() replaces the SIGTERM handler with sys.exit(15): `fleetlm up`'s handler (stop
+    # Serve and the head, then exit 0) would never run. Keep the caller's handler.
+    main = threading.current_thread() is threading.main_thread()
+    sigterm = signal.getsignal(signal.SIGTERM) if main else None
     try:
         ray.init(
             address=address,
@@ -345,6 +350,9 @@ def connect(address: str, auth_mode: str) -> None:
         elif auth_mode != "token":
             hint = " (if the cluster uses token auth, set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN)"
         raise ConnectionError(f"can't connect to Ray at {address}: {e}{hint}") from None
+    finally:
+        if sigterm is not None:
+            signal.signal(signal.SIGTERM, sigterm)
 
 
 def disconnect() -> None:
