@@ -5,11 +5,12 @@ overload, a disconnect storm and a short soak; the figures of RELIABILITY.md.
     ... --only fuzz,replica_kill --fuzz-cases 2000 --streams 16
 
 Writes ``{"fuzz": {cases, server_errors, non_openai_errors, hangs}, "faults": {NAME: {completed,
-clean_errors, lost, recovery_s}}, "overload": {sent, completed, rejected_429, other_errors,
-admitted_p99_ttft_ms}, "disconnects": {clients, leaked_blocks}, "soak": {duration_s, requests,
-errors, max_rss_growth_pct}}`` (plus details per section). Each request's outcome is completed,
-clean error (an OpenAI error object, as the response or as an SSE error event) or lost (dropped or
-hung): see bench/reliability_load.py.
+clean_errors, failed_fast, lost, recovery_s}}, "overload": {sent, completed, rejected_429,
+other_errors, admitted_p99_ttft_ms}, "disconnects": {clients, leaked_blocks}, "soak": {duration_s,
+requests, errors, max_rss_growth_pct}}`` (plus details per section). Each request's outcome is
+completed, clean error (an OpenAI error object, as the response or as an SSE error event), failed
+fast (the connection dropped, or an error response that is no OpenAI object: seen by the client at
+once) or lost (a silent truncation, or hung): see bench/reliability_load.py.
 
 Faults: ``replica_kill`` (SIGKILL of a model replica mid-stream; its streams must end with an error
 event within 2 s, the others complete, Serve replaces it, survivors leak no KV blocks),
@@ -58,7 +59,12 @@ def start_ray(num_cpus: int) -> str:
     return f"http://127.0.0.1:{port}"
 
 
-def cluster_config(replicas: int | None = 2, autoscaling: dict | None = None, **model: Any):
+def cluster_config(
+    replicas: int | None = 2,
+    autoscaling: dict | None = None,
+    http: dict | None = None,
+    **model: Any,
+):
     from cluster.config import ClusterConfig
 
     m: dict[str, Any] = {
@@ -75,7 +81,11 @@ def cluster_config(replicas: int | None = 2, autoscaling: dict | None = None, **
     else:
         m["num_replicas"] = replicas
     return ClusterConfig.model_validate(
-        {"models": [m], "api_keys": [{"sha256": hashlib.sha256(KEY.encode()).hexdigest()}]}
+        {
+            "models": [m],
+            "api_keys": [{"sha256": hashlib.sha256(KEY.encode()).hexdigest()}],
+            "http": http or {},
+        }
     )
 
 
@@ -188,6 +198,8 @@ def rss_mb(pid: int) -> float:
 
 # -- scenarios ------------------------------------------------------------------------------------
 running_at_kill: dict[str, int] = {}  # requests each replica ran when the last fault struck
+# (seconds after the kill, requests the model's live replicas run)
+running_after_kill: list[tuple[float, int]] = []
 victim_tree: list[int] = []  # the killed process and its descendants
 
 
@@ -248,21 +260,49 @@ def kill_during_load(
         t_kill = time.monotonic()
         kill(pid)
         running_at_kill.update({k.rsplit("#", 1)[-1]: v["num_running"] for k, v in stats.items()})
-        return await load, t_kill, name
+        sampler = asyncio.create_task(_sample_running(app, dep, t_kill, load))
+        outcomes = await load
+        await sampler
+        return outcomes, t_kill, name
 
     return asyncio.run(main())
 
 
+async def _sample_running(app: str, dep: str, t_kill: float, load: asyncio.Task) -> None:
+    """Requests the model's live replicas run, every 0.5 s from the kill until the load ends:
+    whether the requests of a dead caller are freed, or run to their end for nobody."""
+    running_after_kill.clear()
+    while not load.done():
+        try:
+            stats = await asyncio.wait_for(asyncio.to_thread(routing_stats, app, dep), 5)
+            n = sum(st["num_running"] for st in stats.values())
+        except Exception:  # noqa: BLE001 - a replica dying right now: skip this sample
+            n = -1
+        running_after_kill.append((round(time.monotonic() - t_kill, 1), n))
+        await asyncio.sleep(0.5)
+
+
+def _after(outcomes: list, kind: str, t_kill: float) -> list[float]:
+    """Seconds from the kill to the end of each request of ``kind`` that ended after it."""
+    return sorted(round(o.ended - t_kill, 2) for o in outcomes if o.kind == kind)
+
+
 def fault_row(outcomes: list, t_kill: float, recovery_s: float, **extra: Any) -> dict[str, Any]:
     t = tally(outcomes)
-    errs = [o.ended - t_kill for o in outcomes if o.kind == "clean_error"]
+    errs = _after(outcomes, "clean_error", t_kill)
+    fast = _after(outcomes, "failed_fast", t_kill)
     return {
         "completed": t.completed,
         "clean_errors": t.clean_errors,
+        "failed_fast": t.failed_fast,
         "lost": t.lost,
         "recovery_s": round(recovery_s, 2),
-        "max_error_after_kill_s": round(max(errs), 2) if errs else None,
+        "max_error_after_kill_s": errs[-1] if errs else None,
+        "max_failed_fast_after_kill_s": fast[-1] if fast else None,
+        "errors_after_kill_s": errs,
+        "failed_fast_after_kill_s": fast,
         "running_at_kill": _take_running_at_kill(),
+        "running_after_kill": list(running_after_kill),
         "orphans": _orphans(),
         **extra,
         "details": t.to_dict(),
@@ -290,8 +330,8 @@ def replica_kill(root: str, args: argparse.Namespace) -> dict[str, Any]:
 def ingress_kill(root: str, args: argparse.Namespace) -> dict[str, Any]:
     from deployments.app import INGRESS_NAME, build_app, server_name
 
-    app = "rel-ingress"
-    base = deploy(root, build_app(cluster_config(1)), app)
+    app, n = "rel-ingress", args.ingress_replicas
+    base = deploy(root, build_app(cluster_config(1, http={"ingress_replicas": n})), app)
 
     def pick(stats: dict[str, dict]) -> tuple[int, str]:
         a = actors(replica_prefix(app, INGRESS_NAME))[0]
@@ -300,10 +340,10 @@ def ingress_kill(root: str, args: argparse.Namespace) -> dict[str, Any]:
     outcomes, t_kill, victim = kill_during_load(
         base, app, server_name(MODEL), pick, args.streams, args.max_tokens
     )
-    recovery = wait_recovered(base, app, INGRESS_NAME, 1, t_kill, gone=victim)
+    recovery = wait_recovered(base, app, INGRESS_NAME, n, t_kill, gone=victim)
     leaked = leaked_blocks(app, server_name(MODEL))
     _delete(app)
-    return fault_row(outcomes, t_kill, recovery, leaked_blocks=leaked)
+    return fault_row(outcomes, t_kill, recovery, leaked_blocks=leaked, ingress_replicas=n)
 
 
 def tp_worker_kill(root: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -546,6 +586,7 @@ def main() -> None:
     ap.add_argument("--fuzz-cases", type=int, default=2000)
     ap.add_argument("--streams", type=int, default=16, help="concurrent streams during a fault")
     ap.add_argument("--max-tokens", type=int, default=400, help="tokens per streamed request")
+    ap.add_argument("--ingress-replicas", type=int, default=1, help="for ingress_kill")
     ap.add_argument("--clients", type=int, default=500, help="disconnect storm clients")
     ap.add_argument("--soak-s", type=float, default=120.0, help="soak duration (bench/soak.py)")
     args = ap.parse_args()

@@ -124,6 +124,7 @@ def run(kind: str, streams: int, max_tokens: int) -> dict[str, Any]:
     return {
         "completed": t.completed,
         "clean_errors": t.clean_errors,
+        "failed_fast": t.failed_fast,
         "lost": t.lost,
         "recovery_s": None,  # the cluster is stopped on purpose
         "stop_s": round(stop_s, 1),

@@ -5,8 +5,12 @@ outcome counted as the issue defines it.
   200 JSON body;
 - clean_error: an OpenAI error object, either as the HTTP response (4xx/5xx with
   ``{"error": ...}``) or as an SSE ``data: {"error": ...}`` event that ends the stream;
-- lost: anything else: a connection dropped without an error event, a stream that stops without
-  ``[DONE]``, or no end within the time limit (hung).
+- failed_fast: a failure the client detects at once but that is no OpenAI error object: the
+  connection dropped mid-body (httpx: RemoteProtocolError "incomplete chunked read"; the openai
+  client raises APIConnectionError) or an error response whose body is not an OpenAI error
+  object (Serve's proxy's plain-text 500; openai raises APIStatusError);
+- lost: a stream that ends cleanly without ``[DONE]`` or an error event (a silent truncation),
+  ``[DONE]`` without a finish reason, or no end within the time limit (hung).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import httpx
 
 @dataclass
 class Outcome:
-    kind: str  # completed | clean_error | lost
+    kind: str  # completed | clean_error | failed_fast | lost
     status: int = 0
     started: float = 0.0
     first_token_s: float | None = None  # TTFT
@@ -35,6 +39,7 @@ class Outcome:
 class Tally:
     completed: int = 0
     clean_errors: int = 0
+    failed_fast: int = 0
     lost: int = 0
     statuses: dict[str, int] = field(default_factory=dict)
     details: list[str] = field(default_factory=list)
@@ -44,6 +49,10 @@ class Tally:
             self.completed += 1
         elif o.kind == "clean_error":
             self.clean_errors += 1
+        elif o.kind == "failed_fast":
+            self.failed_fast += 1
+            if len(self.details) < 5:
+                self.details.append(o.detail[:200])
         else:
             self.lost += 1
             if len(self.details) < 5:
@@ -55,9 +64,10 @@ class Tally:
         return {
             "completed": self.completed,
             "clean_errors": self.clean_errors,
+            "failed_fast": self.failed_fast,
             "lost": self.lost,
             "statuses": self.statuses,
-            "lost_details": self.details,
+            "failure_details": self.details,
         }
 
 
@@ -98,7 +108,7 @@ async def stream_request(
                 if r.status_code != 200:
                     raw = await r.aread()
                     o.ended = time.monotonic()
-                    o.kind = "clean_error" if _is_error_object(raw) else "lost"
+                    o.kind = "clean_error" if _is_error_object(raw) else "failed_fast"
                     o.detail = f"{r.status_code} {raw[:200]!r}"
                     return o
                 if not body.get("stream"):
@@ -128,10 +138,12 @@ async def stream_request(
                         break
                 else:
                     o.detail = "stream ended without [DONE] or an error event"
-    except TimeoutError:
-        o.detail = f"no end within {limit_s:.0f}s (hung)"
+    except (TimeoutError, httpx.TimeoutException):
+        o.kind, o.detail = "lost", f"no end within {limit_s:.0f}s (hung)"
+    except httpx.TransportError as e:  # the connection dropped or was refused: seen at once
+        o.kind, o.detail = "failed_fast", f"{type(e).__name__}: {e}"
     except httpx.HTTPError as e:
-        o.detail = f"{type(e).__name__}: {e}"
+        o.kind, o.detail = "lost", f"{type(e).__name__}: {e}"
     o.ended = time.monotonic()
     return o
 

@@ -125,7 +125,7 @@ def soak(root: str, duration_s: float, max_tokens: int = 128) -> dict[str, Any]:
     return {
         "duration_s": round(duration_s, 1),
         "requests": len(outcomes),
-        "errors": t.clean_errors + t.lost,
+        "errors": t.clean_errors + t.failed_fast + t.lost,
         "max_rss_growth_pct": round(max(growth), 2) if growth else None,
         "processes": len(pids),
         "concurrency": concurrency,

@@ -233,6 +233,14 @@ class HttpConfig(_Strict):
     direct_ingress_port: int = Field(
         30000, ge=1, le=65000, description="First port the direct ingress tries (then +1, ...)."
     )
+    ingress_replicas: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Replicas of the OpenAI ingress. With two or more, new requests keep being "
+        "served while a dead one is replaced; the streams a dying ingress carried are cut by "
+        "Serve's proxy either way (RELIABILITY.md).",
+    )
 
 
 class ApiKey(_Strict):

@@ -108,7 +108,7 @@ def build_app(cfg: ClusterConfig) -> serve.Application:
         servers[mc.name] = dep.bind(mc.model_dump(mode="json"))
     ingress = serve.deployment(OpenAIIngress).options(
         name=INGRESS_NAME,
-        num_replicas=1,
+        num_replicas=cfg.http.ingress_replicas,
         max_ongoing_requests=INGRESS_MAX_ONGOING,
         # The ingress is I/O bound; it must not take a CPU slot a model replica needs.
         ray_actor_options={"num_cpus": 0},

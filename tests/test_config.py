@@ -304,3 +304,14 @@ def test_removed_output_channels_key():
     assert not hasattr(ok.router, "output_channels")
     line, field, msg = one_error("models: [{name: m}]\nrouter:\n  output_channels: false\n")
     assert (line, field) == (3, "router.output_channels") and msg.startswith("removed;")
+
+
+def test_ingress_replicas():
+    from deployments.app import build_app
+
+    assert parse_cluster_config("models: [{name: m}]\n").http.ingress_replicas == 1
+    cfg = parse_cluster_config("models: [{name: m}]\nhttp: {ingress_replicas: 2}\n")
+    assert build_app(cfg)._bound_deployment.num_replicas == 2  # the OpenAIIngress deployment
+    assert one_error("models: [{name: m}]\nhttp: {ingress_replicas: 0}\n")[1] == (
+        "http.ingress_replicas"
+    )

@@ -46,9 +46,23 @@ def server() -> FastAPI:
     return app
 
 
+class Dropped(httpx.AsyncByteStream):
+    """A body whose connection drops after one event, as httpx reports a proxy closing mid-body."""
+
+    async def __aiter__(self):
+        yield chunk().encode()
+        raise httpx.RemoteProtocolError("peer closed connection: incomplete chunked read")
+
+
+def dropping(request: httpx.Request) -> httpx.Response:
+    return httpx.Response(200, headers={"content-type": "text/event-stream"}, stream=Dropped())
+
+
 def run(kind: str, **kw):
     async def main():
-        transport = httpx.ASGITransport(app=server())
+        transport = (
+            httpx.MockTransport(dropping) if kind == "drop" else httpx.ASGITransport(app=server())
+        )
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
             return await stream_request(http, f"http://t/{kind}", {"stream": True}, {}, **kw)
 
@@ -61,8 +75,11 @@ def test_outcomes():
     assert run("error_event", limit_s=5).kind == "clean_error"
     assert run("busy", limit_s=5).kind == "clean_error"
     assert run("busy", limit_s=5).status == 429
-    assert run("html", limit_s=5).kind == "lost"
-    assert run("cut", limit_s=5).kind == "lost"
+    html = run("html", limit_s=5)  # an error response that is no OpenAI error object
+    assert html.kind == "failed_fast" and html.status == 502
+    drop = run("drop", limit_s=5)  # the connection dropped mid-body
+    assert drop.kind == "failed_fast" and "RemoteProtocolError" in drop.detail
+    assert run("cut", limit_s=5).kind == "lost"  # a clean end without [DONE]: silent
     assert run("no_finish", limit_s=5).kind == "lost"
     slow = run("slow", limit_s=0.5)
     assert slow.kind == "lost" and "hung" in slow.detail
@@ -71,7 +88,8 @@ def test_outcomes():
 
 
 def test_tally_and_percentile():
-    t = tally([run("ok", limit_s=5), run("busy", limit_s=5), run("cut", limit_s=5)])
-    assert (t.completed, t.clean_errors, t.lost) == (1, 1, 1)
-    assert t.statuses == {"200": 2, "429": 1}
+    outcomes = [run(k, limit_s=5) for k in ("ok", "busy", "cut", "drop", "html")]
+    t = tally(outcomes)
+    assert (t.completed, t.clean_errors, t.failed_fast, t.lost) == (1, 1, 2, 1)
+    assert t.statuses == {"200": 3, "429": 1, "502": 1}
     assert percentile([3.0, 1.0, 2.0], 0.5) == 2.0 and percentile([], 0.99) is None
