@@ -14,6 +14,7 @@ import time
 import httpx
 import openai
 import pytest
+from served_app import openai_client, served_app
 
 pytestmark = pytest.mark.ray
 
@@ -26,11 +27,6 @@ MAX_MODEL_LEN = 512
 
 @pytest.fixture(scope="module")
 def api(ray_session):
-    from ray import serve
-
-    from cluster.config import ClusterConfig
-    from deployments.app import build_app
-
     models = [
         {
             "name": MODEL,
@@ -54,32 +50,19 @@ def api(ray_session):
             "resources_per_replica": {"num_cpus": 1},
         },
     ]
-    cfg = ClusterConfig.model_validate(
-        {
-            "models": models,
-            # imbalance 2: a replica 3+ requests busier than the other loses its affinity.
-            "router": {"policy": "prefix_aware", "stats_period_s": 0.5, "imbalance": 2},
-            "api_keys": [{"sha256": hashlib.sha256(KEY.encode()).hexdigest()}],
-        }
-    )
-    serve.run(build_app(cfg), name=APP, route_prefix=PREFIX)
-    base = ray_session + PREFIX
-    deadline = time.monotonic() + 60
-    while True:  # the proxy learns the new route shortly after serve.run returns
-        try:
-            if httpx.get(base + "/health", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "ingress never became healthy"
-        time.sleep(0.5)
-    yield base
-    serve.delete(APP)
+    cluster = {
+        "models": models,
+        # imbalance 2: a replica 3+ requests busier than the other loses its affinity.
+        "router": {"policy": "prefix_aware", "stats_period_s": 0.5, "imbalance": 2},
+        "api_keys": [{"sha256": hashlib.sha256(KEY.encode()).hexdigest()}],
+    }
+    with served_app(ray_session, cluster, APP, PREFIX) as base:
+        yield base
 
 
 @pytest.fixture(scope="module")
 def client(api):
-    return openai.OpenAI(base_url=api + "/v1", api_key=KEY, max_retries=0, timeout=60)
+    return openai_client(api, KEY, timeout=60)
 
 
 def _auth() -> dict[str, str]:

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
-import httpx
 import jsonschema
 import openai
 import pytest
 from pydantic import BaseModel, Field
+from served_app import openai_client, served_app
 from tool_fixtures import TIME, WEATHER
 
 pytestmark = pytest.mark.ray
@@ -54,47 +53,29 @@ ASK = [{"role": "user", "content": "Describe someone."}]
 
 @pytest.fixture(scope="module")
 def api(ray_session):
-    from ray import serve
-
-    from cluster.config import ClusterConfig
-    from deployments.app import build_app
-
-    cfg = ClusterConfig.model_validate(
-        {
-            "models": [
-                {
-                    "name": MODEL,
-                    "model": "demo-small",
-                    "num_replicas": 1,
-                    "engine": {
-                        "num_kv_blocks": 256,
-                        "max_num_seqs": 8,
-                        "max_model_len": 1024,
-                        "num_threads": 1,
-                    },
-                    "resources_per_replica": {"num_cpus": 1},
-                }
-            ]
-        }
-    )
-    serve.run(build_app(cfg), name=APP, route_prefix=PREFIX)
-    base = ray_session + PREFIX
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(base + "/health", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "ingress never became healthy"
-        time.sleep(0.5)
-    yield base
-    serve.delete(APP)
+    cluster = {
+        "models": [
+            {
+                "name": MODEL,
+                "model": "demo-small",
+                "num_replicas": 1,
+                "engine": {
+                    "num_kv_blocks": 256,
+                    "max_num_seqs": 8,
+                    "max_model_len": 1024,
+                    "num_threads": 1,
+                },
+                "resources_per_replica": {"num_cpus": 1},
+            }
+        ]
+    }
+    with served_app(ray_session, cluster, APP, PREFIX) as base:
+        yield base
 
 
 @pytest.fixture(scope="module")
 def client(api):
-    return openai.OpenAI(base_url=api + "/v1", api_key="none", max_retries=0, timeout=120)
+    return openai_client(api)
 
 
 def _schema_format(schema: dict, name: str = "person") -> dict:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
-import httpx
 import pytest
+from served_app import served_app
 
 from cluster.bench import make_workload, run_workload
 
@@ -19,44 +18,26 @@ MODEL = "tiny-bench"
 
 @pytest.fixture(scope="module")
 def served(ray_session):
-    from ray import serve
-
-    from cluster.config import ClusterConfig
-    from deployments.app import build_app
-
-    cfg = ClusterConfig.model_validate(
-        {
-            "models": [
-                {
-                    "name": MODEL,
-                    "model": "demo-small",
-                    "num_replicas": 1,
-                    "engine": {
-                        "num_kv_blocks": 64,
-                        "block_size": 16,
-                        "max_num_seqs": 4,
-                        "max_model_len": 256,
-                        "num_threads": 1,
-                    },
-                    "resources_per_replica": {"num_cpus": 1},
-                    "caches": {"exact": {"enabled": False}},
-                }
-            ],
-        }
-    )
-    serve.run(build_app(cfg), name=APP, route_prefix=PREFIX)
-    base = ray_session + PREFIX
-    deadline = time.monotonic() + 60
-    while True:  # the proxy learns the new route shortly after serve.run returns
-        try:
-            if httpx.get(base + "/health", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "ingress never became healthy"
-        time.sleep(0.5)
-    yield base
-    serve.delete(APP)
+    cluster = {
+        "models": [
+            {
+                "name": MODEL,
+                "model": "demo-small",
+                "num_replicas": 1,
+                "engine": {
+                    "num_kv_blocks": 64,
+                    "block_size": 16,
+                    "max_num_seqs": 4,
+                    "max_model_len": 256,
+                    "num_threads": 1,
+                },
+                "resources_per_replica": {"num_cpus": 1},
+                "caches": {"exact": {"enabled": False}},
+            }
+        ],
+    }
+    with served_app(ray_session, cluster, APP, PREFIX) as base:
+        yield base
 
 
 def test_w2_against_fleetlm(served):

@@ -15,6 +15,7 @@ import time
 
 import httpx
 import pytest
+from served_app import served_app
 
 pytestmark = pytest.mark.ray
 
@@ -28,50 +29,32 @@ MAX_MODEL_LEN = 256
 
 @pytest.fixture(scope="module")
 def api(ray_session):
-    from ray import serve
-
-    from cluster.config import ClusterConfig
-    from deployments.app import build_app
-
-    cfg = ClusterConfig.model_validate(
-        {
-            "models": [
-                {
-                    "name": MODEL,
-                    "model": "demo-small",
-                    "num_replicas": 2,  # one is killed by the last test
-                    "engine": {
-                        "num_kv_blocks": 64,
-                        "max_num_seqs": 8,
-                        "max_model_len": MAX_MODEL_LEN,
-                        "num_threads": 1,
-                    },
-                    "resources_per_replica": {"num_cpus": 1},
-                    "caches": {"exact": {"enabled": False}},
-                }
-            ],
-            "api_keys": [
-                {"sha256": hashlib.sha256(KEY.encode()).hexdigest()},
-                {
-                    "sha256": hashlib.sha256(LIMITED_KEY.encode()).hexdigest(),
-                    "requests_per_minute": 3,
+    cluster = {
+        "models": [
+            {
+                "name": MODEL,
+                "model": "demo-small",
+                "num_replicas": 2,  # one is killed by the last test
+                "engine": {
+                    "num_kv_blocks": 64,
+                    "max_num_seqs": 8,
+                    "max_model_len": MAX_MODEL_LEN,
+                    "num_threads": 1,
                 },
-            ],
-        }
-    )
-    serve.run(build_app(cfg), name=APP, route_prefix=PREFIX)
-    base = ray_session + PREFIX
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(base + "/health", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "ingress never became healthy"
-        time.sleep(0.5)
-    yield base
-    serve.delete(APP)
+                "resources_per_replica": {"num_cpus": 1},
+                "caches": {"exact": {"enabled": False}},
+            }
+        ],
+        "api_keys": [
+            {"sha256": hashlib.sha256(KEY.encode()).hexdigest()},
+            {
+                "sha256": hashlib.sha256(LIMITED_KEY.encode()).hexdigest(),
+                "requests_per_minute": 3,
+            },
+        ],
+    }
+    with served_app(ray_session, cluster, APP, PREFIX) as base:
+        yield base
 
 
 def auth(key: str = KEY) -> dict[str, str]:
