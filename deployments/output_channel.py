@@ -19,6 +19,11 @@ The protocol (LLMServer.generate / LLMServer.channel, ingress.py):
    [delta, ...]}}`` batches. The mux hands each request's deltas to its sink.
 4. A channel ends itself when its ingress has had no request on the replica for ``idle_s``, so a
    draining replica is not held by it; the mux reopens it when a request is bound there again.
+5. While the replica has requests of the channel in flight and nothing to send, it sends
+   ``{"hb": 1}`` every ``heartbeat_s``. The mux fails a channel that carried no message for
+   ``liveness_s`` while requests are bound to it: a replica whose node vanished is otherwise
+   noticed only when Ray declares the node dead (its health checks: about 15 s), and its streams
+   would wait that long for their error event.
 
 Ray-free: the replica side is ``ChannelHub`` (asyncio only); the ingress side is ``ChannelMux``,
 which opens channels through a callable, so both are unit-tested without Ray.
@@ -38,6 +43,10 @@ from deployments.openai_format import merge_deltas
 logger = logging.getLogger("ray.serve")
 
 CHANNEL_IDLE_S = 5.0
+CHANNEL_HEARTBEAT_S = 0.5
+# Several heartbeats: an event loop of a busy replica or ingress may stall for a while on a loaded
+# machine, and a healthy stream cut for that would be worse than a late error.
+CHANNEL_LIVENESS_S = 5.0
 
 
 def coalesce(pending: dict[int, dict[str, Any]], delta: dict[str, Any]) -> None:
@@ -75,8 +84,11 @@ class Outbox:
 class ChannelHub:
     """The replica's outboxes, one per ingress channel id."""
 
-    def __init__(self, idle_s: float = CHANNEL_IDLE_S) -> None:
+    def __init__(
+        self, idle_s: float = CHANNEL_IDLE_S, heartbeat_s: float = CHANNEL_HEARTBEAT_S
+    ) -> None:
         self.idle_s = idle_s
+        self.heartbeat_s = heartbeat_s
         self.boxes: dict[str, Outbox] = {}
 
     def box(self, channel_id: str) -> Outbox:
@@ -104,23 +116,34 @@ class ChannelHub:
             self.boxes.pop(channel_id, None)
 
     async def serve(self, channel_id: str, hello: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """The channel stream: ``hello`` first, then ``{"d": batch}`` whenever deltas are ready."""
+        """The channel stream: ``hello`` first, then ``{"d": batch}`` whenever deltas are ready,
+        ``{"hb": 1}`` after ``heartbeat_s`` without any while requests are in flight."""
         b = self.box(channel_id)
         b.generation += 1
         gen = b.generation
         b.connected = True
+        idle = 0.0  # seconds without a request of this channel in flight
+        tick = min(self.heartbeat_s, self.idle_s)
         try:
             yield hello
             while b.generation == gen:
                 if not b.pending:
                     try:
-                        await asyncio.wait_for(b.event.wait(), timeout=self.idle_s)
+                        await asyncio.wait_for(b.event.wait(), timeout=tick)
                     except TimeoutError:
-                        if b.live <= 0 and not b.pending:
-                            return  # idle: the ingress reopens it on its next request here
+                        if b.generation != gen:
+                            return
+                        if b.live > 0:
+                            idle = 0.0
+                            yield {"hb": 1}  # alive, nothing to send yet (e.g. a long prefill)
+                        elif not b.pending:
+                            idle += tick
+                            if idle >= self.idle_s:
+                                return  # idle: the ingress reopens it on its next request here
                         continue
                     if b.generation != gen:
                         return  # a newer stream of the same channel took over
+                idle = 0.0
                 batch = b.drain()
                 if batch:
                     yield {"d": batch}
@@ -179,9 +202,15 @@ class ChannelMux:
     (APIError.to_dict()) or an exception (the channel broke).
     """
 
-    def __init__(self, open_channel: OpenChannel, channel_id: str = "") -> None:
+    def __init__(
+        self,
+        open_channel: OpenChannel,
+        channel_id: str = "",
+        liveness_s: float = CHANNEL_LIVENESS_S,
+    ) -> None:
         self.open_channel = open_channel
         self.channel_id = channel_id  # what requests name in req["channel"]
+        self.liveness_s = liveness_s
         self.sinks: dict[str, Sink] = {}
         self._channels: dict[str, asyncio.Task] = {}
         self._ready: dict[str, asyncio.Future] = {}
@@ -231,7 +260,10 @@ class ChannelMux:
                 )
             if not ready.done():
                 ready.set_result(None)
-            async for msg in stream:
+            while True:
+                msg = await self._next(stream, replica)
+                if msg is None:
+                    break
                 for rid, deltas in msg.get("d", {}).items():
                     s = self.sinks.get(rid)
                     if s is not None:
@@ -266,6 +298,28 @@ class ChannelMux:
         elif not ready.done():
             ready.set_exception(ChannelError(f"channel to replica {replica} ended early"))
             ready.exception()
+
+    async def _next(self, stream: AsyncIterator[dict[str, Any]], replica: str) -> dict | None:
+        """The channel's next message (None at its end). Raises ChannelError when requests are
+        bound to ``replica`` and nothing (not even a heartbeat) came for ``liveness_s``."""
+        nxt = asyncio.ensure_future(stream.__anext__())
+        try:
+            while True:
+                done, _ = await asyncio.wait({nxt}, timeout=self.liveness_s)
+                if not done:
+                    await asyncio.sleep(0)  # a message that landed with the timeout counts
+                if nxt.done():
+                    try:
+                        return nxt.result()
+                    except StopAsyncIteration:
+                        return None
+                if any(s.replica == replica for s in self.sinks.values()):
+                    msg = f"no word from replica {replica} for {self.liveness_s:.0f}s"
+                    logger.warning("output channel: %s; failing its requests", msg)
+                    raise ChannelError(msg + " (its process or node is gone)")
+        finally:
+            if not nxt.done():
+                nxt.cancel()
 
     async def close(self) -> None:
         tasks = list(self._channels.values())

@@ -292,3 +292,54 @@ def test_deltas_that_piled_up_come_merged_and_an_error_after_them_still_arrives(
         assert msgs[1] == {"error": {"status": 500, "message": "boom"}}
 
     asyncio.run(go())
+
+
+def test_a_replica_with_requests_in_flight_heartbeats_and_an_idle_one_does_not():
+    async def go():
+        hub = ChannelHub(idle_s=0.2, heartbeat_s=0.02)
+        stream = hub.serve(CID, {"replica": "A"})
+        assert await stream.__anext__() == {"replica": "A"}
+        hub.request_started(CID)
+        assert await asyncio.wait_for(stream.__anext__(), 1) == {"hb": 1}
+        hub.request_ended(CID)
+        with pytest.raises(StopAsyncIteration):  # no heartbeat when idle: the channel ends
+            while True:
+                msg = await asyncio.wait_for(stream.__anext__(), 1)
+                assert msg == {"hb": 1}  # at most the ones already due
+
+    asyncio.run(go())
+
+
+def test_a_silent_channel_fails_its_bound_requests_after_liveness_s():
+    async def go():
+        async def vanished(replica):  # hello, then nothing: the replica's node is gone
+            yield {"replica": replica}
+            await asyncio.sleep(3600)
+
+        mux = ChannelMux(vanished, channel_id=CID, liveness_s=0.2)
+        mux.register("r")
+        await mux.bind("r", "A")
+        r = request(mux, "r")
+        t0 = asyncio.get_running_loop().time()
+        with pytest.raises(ChannelError, match="no word from replica A"):
+            await asyncio.wait_for(collect(r), 2)
+        assert 0.2 <= asyncio.get_running_loop().time() - t0 < 1.0
+        await mux.close()
+
+    asyncio.run(go())
+
+
+def test_heartbeats_keep_a_slow_request_alive():
+    async def go():
+        reps = Replicas("A")
+        reps.hubs["A"].heartbeat_s = 0.02
+        mux = ChannelMux(reps.open, channel_id=CID, liveness_s=0.1)
+        box = await admitted(reps, mux, "r")
+        r = request(mux, "r")
+        await asyncio.sleep(0.5)  # 5x liveness_s without a token: a long prefill
+        box.put("r", delta(0, [7], "stop"))
+        msgs = await asyncio.wait_for(collect(r), 2)
+        assert msgs[0]["outputs"][0]["token_ids"] == [7]
+        await mux.close()
+
+    asyncio.run(go())
