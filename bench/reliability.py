@@ -186,6 +186,34 @@ def leaked_blocks(app: str, deployment: str, settle_s: float = 30.0) -> int:
         time.sleep(0.5)
 
 
+def client_connections(pid: int, port: int) -> int:
+    """Established TCP connections of process ``pid`` on local ``port`` (a proxy's clients)."""
+    inodes = set()
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return 0
+    for f in fds:
+        try:
+            link = os.readlink(f)
+        except OSError:  # closed meanwhile
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link.removeprefix("socket:[").rstrip("]"))
+    n = 0
+    for table in ("tcp", "tcp6"):
+        try:
+            rows = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            f = row.split()
+            # local address "IP:PORT" (hex), state 01 = ESTABLISHED, inode in column 10
+            if int(f[1].rsplit(":", 1)[1], 16) == port and f[3] == "01" and f[9] in inodes:
+                n += 1
+    return n
+
+
 def rss_mb(pid: int) -> float:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -397,8 +425,17 @@ def node_loss(root: str, args: argparse.Namespace) -> dict[str, Any]:
             return {"completed": 0, "clean_errors": 0, "lost": 0, "recovery_s": None,
                     "skipped": "Serve placed no replica on the second node"}  # fmt: skip
 
+        port = int(root.rsplit(":", 1)[1])
+        at_kill: dict[str, int] = {}
+
         def pick(stats: dict[str, dict]) -> tuple[int, str]:
             on_node = next(a for a in actors(replica_prefix(app, dep)) if a["node"] == worker_node)
+            # Serve's proxies bind the HTTP port with SO_REUSEPORT: with two nodes on one
+            # machine the kernel spreads client connections over both proxies, and those held
+            # by the lost node's proxy are cut with it.
+            for a in actors("SERVE_PROXY_ACTOR"):
+                where = "lost_node" if a["node"] == worker_node else "head_node"
+                at_kill[f"client_connections_{where}_proxy"] = client_connections(a["pid"], port)
             return worker.pid, on_node["name"]
 
         # SIGKILL to the node's whole process group (raylet, workers, the replica): the node
@@ -410,7 +447,7 @@ def node_loss(root: str, args: argparse.Namespace) -> dict[str, Any]:
         recovery = wait_recovered(base, app, dep, 2, t_kill, gone=victim)
         leaked = leaked_blocks(app, dep)
         _delete(app)
-        return fault_row(outcomes, t_kill, recovery, leaked_blocks=leaked)
+        return fault_row(outcomes, t_kill, recovery, leaked_blocks=leaked, **at_kill)
     finally:
         if worker.poll() is None:
             os.killpg(worker.pid, signal.SIGKILL)
