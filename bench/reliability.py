@@ -297,10 +297,11 @@ def kill_during_load(
 
 
 async def _sample_running(app: str, dep: str, t_kill: float, load: asyncio.Task) -> None:
-    """Requests the model's live replicas run, every 0.5 s from the kill until the load ends:
-    whether the requests of a dead caller are freed, or run to their end for nobody."""
+    """Requests the model's live replicas run, every 0.5 s from the kill until the load ends and
+    at least 15 s after the kill: whether the requests of a dead caller are freed, or run to
+    their end for nobody."""
     running_after_kill.clear()
-    while not load.done():
+    while not load.done() or time.monotonic() - t_kill < 15:
         try:
             stats = await asyncio.wait_for(asyncio.to_thread(routing_stats, app, dep), 5)
             n = sum(st["num_running"] for st in stats.values())

@@ -85,9 +85,11 @@ def run(kind: str, streams: int, max_tokens: int) -> dict[str, Any]:
     base = f"http://127.0.0.1:{port}"
     headers = {"Authorization": f"Bearer {KEY}"}
     deadline = time.monotonic() + 600
-    while True:
+    ping = {"model": MODEL, "prompt": "ok", "max_tokens": 1}
+    while True:  # serving: a completion answers (/health answers before the model is up)
         try:
-            if httpx.get(base + "/health", timeout=5).status_code == 200:
+            r = httpx.post(base + "/v1/completions", json=ping, headers=headers, timeout=10)
+            if r.status_code == 200:
                 break
         except httpx.HTTPError:
             pass
