@@ -85,6 +85,10 @@ class PagedAttention:
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
         """q [T, H, D], k/v [T, Hkv, D] of this step -> [T, H, D]."""
         self.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        return self.attend(q, k, v, k_cache, v_cache, meta, scale)
+
+    def attend(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+        """``forward`` after the step's K/V are in their slots (a fused op stored them)."""
         if not meta.fresh:
             return self.paged(q, k_cache, v_cache, meta, scale)
         out = torch.empty_like(q)

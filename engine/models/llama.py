@@ -57,9 +57,27 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(s.head_dim, s.rms_norm_eps) if s.qk_norm else None
         self.tp_group = tp_group
 
-    def forward(self, x, cos, sin, meta: AttentionMetadata, attn: PagedAttention, kv):
+    def forward(self, x, rope, meta: AttentionMetadata, attn: PagedAttention, kv, fused=None):
+        """``rope``: (cos, sin) [T, 1, D/2] looked up by position, or with ``fused`` (the C++
+        ops) the whole tables and the positions (cos, sin, positions [T])."""
         t = x.shape[0]
         qkv = self.qkv_proj(x)
+        if fused is not None and self.q_norm is None:
+            # Rotate q and k in place inside qkv and store k, v in their slots: one pass.
+            cos, sin, positions = rope
+            fused.rotary_store_kv(
+                qkv, cos, sin, positions, kv[0], kv[1], meta.slot_mapping,
+                self.num_heads, self.num_kv_heads, self.head_dim,
+            )  # fmt: skip
+            q = qkv[:, : self.q_size].view(t, self.num_heads, self.head_dim)
+            k, v = qkv[:, self.q_size :].view(t, 2 * self.num_kv_heads, self.head_dim).chunk(2, 1)
+            o = attn.attend(q, k, v, kv[0], kv[1], meta, self.scale)
+            return self._out(o, t)
+        if fused is not None:  # Qwen3's q/k norms come before the rotary: the torch path
+            cos, sin, positions = rope
+            cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
+        else:
+            cos, sin = rope
         v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is None:
             # q and k heads side by side [T, H + Hkv, D]: one rotary pass for both.
@@ -72,6 +90,9 @@ class Attention(nn.Module):
         qk = apply_rotary(qk, cos, sin)
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         o = attn.forward(q, k, v, kv[0], kv[1], meta, self.scale)
+        return self._out(o, t)
+
+    def _out(self, o: torch.Tensor, t: int) -> torch.Tensor:
         y = self.o_proj(o.view(t, self.q_size))
         if self.tp_group is not None:
             self.tp_group.all_reduce(y)
@@ -107,9 +128,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(s.hidden_size, s.rms_norm_eps)
         self.mlp = MLP(s, tp_group)
 
-    def forward(self, x, residual, cos, sin, meta, attn, kv):
+    def forward(self, x, residual, rope, meta, attn, kv, fused):
         h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(h, cos, sin, meta, attn, kv)
+        h = self.self_attn(h, rope, meta, attn, kv, fused)
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
@@ -130,17 +151,27 @@ class LlamaForCausalLM(nn.Module):
         self.rotary = rotary
         self.attn: PagedAttention | None = None
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.fused = None  # engine/csrc/fused_ops.cpp where the C++ attention kernels run
 
     def bind_kv_cache(self, attn: PagedAttention, k: list[torch.Tensor], v: list[torch.Tensor]):
         self.attn = attn
         self.kv_caches = list(zip(k, v, strict=True))
+        self.fused = None
+        if attn.cpu is not None:
+            from engine.cpu_kernels import fused_ops_kernel
+
+            self.fused = fused_ops_kernel()
 
     def forward(self, input_ids, positions, meta: AttentionMetadata) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
-        cos, sin = self.rotary.lookup(positions)
+        fused = self.fused
+        if fused is not None:  # the fused op looks cos/sin up by position itself
+            rope = (self.rotary.cos, self.rotary.sin, positions)
+        else:
+            rope = self.rotary.lookup(positions)
         residual = None
         for layer, kv in zip(self.layers, self.kv_caches, strict=True):
-            x, residual = layer(x, residual, cos, sin, meta, self.attn, kv)
+            x, residual = layer(x, residual, rope, meta, self.attn, kv, fused)
         return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
