@@ -108,6 +108,9 @@ class BlockManager:
         self.query_tokens = 0
         # A deque: appended by the engine thread, drained by another (append/popleft are atomic).
         self.events: deque[BlockEvent] = deque()
+        # Undrained events (an offline engine has no reader) beyond this many are replaced by
+        # the state they lead to, so the queue never outgrows the cache it describes.
+        self.max_events = 2 * num_blocks + 1024
 
     # -- queries ------------------------------------------------------------------------------
     @property
@@ -196,7 +199,7 @@ class BlockManager:
         if b.block_hash is not None:
             if self.cached.get(b.block_hash) is b:
                 del self.cached[b.block_hash]
-                self.events.append(BlockEvent("removed", [b.block_hash]))
+                self._event(BlockEvent("removed", [b.block_hash]))
             b.block_hash = None
             b.token_ids = None
 
@@ -237,7 +240,7 @@ class BlockManager:
             self.cached[h] = b
             stored.append(h)
         if stored:
-            self.events.append(BlockEvent("stored", stored))
+            self._event(BlockEvent("stored", stored))
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached hash (only possible when no block is in use)."""
@@ -247,8 +250,18 @@ class BlockManager:
             b.block_hash = b.token_ids = None
             b.reused = False
         self.cached.clear()
-        self.events.append(BlockEvent("cleared", []))
+        self._event(BlockEvent("cleared", []))
         return True
+
+    def _event(self, ev: BlockEvent) -> None:
+        self.events.append(ev)
+        if len(self.events) > self.max_events:
+            # A reader applying "cleared" then "stored" of every cached hash ends in the same
+            # state as applying the whole queue (a reader mid-drain of the old queue too: this
+            # pair follows whatever it took). One new object, not a mutation of the old queue.
+            self.events = deque(
+                [BlockEvent("cleared", []), BlockEvent("stored", list(self.cached))]
+            )
 
     def pop_events(self) -> list[BlockEvent]:
         out = []

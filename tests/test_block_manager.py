@@ -196,3 +196,36 @@ def test_slru_protected_segment_is_capped_and_the_oldest_goes_back_to_probation(
     assert first.block_id not in protected and not first.protected and not first.reused
     assert first.block_id in bm.free_queue.ids()  # demoted, still cached
     assert bm.num_free_blocks == 10
+
+
+def _replay(events, state=None):
+    """What a reader of the events (the router's prefix index) ends up believing is cached."""
+    state = set() if state is None else state
+    for e in events:
+        if e.kind == "cleared":
+            state.clear()
+        elif e.kind == "stored":
+            state.update(e.block_hashes)
+        else:
+            state.difference_update(e.block_hashes)
+    return state
+
+
+def test_undrained_events_stay_bounded_and_replay_to_the_cache():
+    """An offline engine never reads the events: they must not pile up for the process's life,
+    and a reader that does drain (now or partway through) still ends at the cache's state."""
+    bm = BlockManager(num_blocks=8, block_size=BS)
+    partial, compacted = None, False
+    for i in range(1000):  # ~3 events each (one stored, two removed): past the cap
+        r = req(f"r{i}", [1000 + 10 * i + j for j in range(9)])  # 2 full blocks each, distinct
+        assert bm.allocate(r, 9)
+        r.num_computed_tokens = 9
+        bm.cache_full_blocks(r)
+        bm.free(r)
+        assert len(bm.events) <= bm.max_events
+        compacted |= bm.events[0].kind == "cleared"
+        if i == 150:  # a reader drains once mid-way, then never again until the end
+            partial = _replay(bm.pop_events())
+    assert compacted
+    assert _replay(list(bm.events)) == set(bm.cached) != set()
+    assert _replay(bm.pop_events(), partial) == set(bm.cached)

@@ -262,3 +262,39 @@ def test_batched_sampler_rules():
     again = [req(f"t{i}", SamplingParams(temperature=1.0, seed=i), [1, 2]) for i in (2, 0)]
     b, _ = Sampler(torch.device("cpu"), seed=99).sample(flat[:2].clone(), again)
     assert [a[2], a[0]] == b
+
+
+def test_finished_requests_are_not_retained():
+    """Once the engine has finished a request (length, stop string, abort, error), nothing in it
+    keeps the Request alive: in a long-lived process (a replica, a benchmark running round after
+    round) retained requests would pile up, and every GC pass would walk them. Reference counts
+    alone must free them (the collector is off while we look)."""
+    import gc
+    import weakref
+
+    eng = LLMEngine(EngineConfig(model=resolve_model("demo-small"), num_kv_blocks=64))
+    kinds = [
+        SamplingParams(temperature=0, max_tokens=5, ignore_eos=True),
+        SamplingParams(temperature=1.0, seed=7, max_tokens=6, ignore_eos=True),
+        SamplingParams(temperature=0.8, top_k=5, max_tokens=4, ignore_eos=True, logprobs=2),
+        SamplingParams(temperature=0, max_tokens=8, stop=["a", "e", " "]),
+    ]
+    gc.collect()
+    gc.disable()
+    try:
+        refs = []
+        for i, p in enumerate(kinds * 2):
+            rid = eng.add_request(None, list(range(10 + i, 40 + i)), p)
+            refs.append(weakref.ref(eng.requests[rid]))
+        aborted = eng.add_request(None, list(range(50, 90)), SamplingParams(max_tokens=50))
+        refs.append(weakref.ref(eng.requests[aborted]))
+        eng.step()
+        assert eng.abort(aborted)
+        while eng.has_unfinished():
+            eng.step()
+        eng.step()  # the scheduler reports the last finished ids on the next schedule
+        alive = [r() for r in refs if r() is not None]
+        assert not alive, [(r, [type(o).__name__ for o in gc.get_referrers(r)]) for r in alive]
+    finally:
+        gc.enable()
+    assert eng.stats().num_free_blocks == eng.stats().num_total_blocks
