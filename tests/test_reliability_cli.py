@@ -3,8 +3,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -43,3 +48,74 @@ def test_connect_keeps_the_callers_sigterm_handler(ray_session):
     )
     assert r.returncode == 0, r.stdout + r.stderr[-2000:]
     assert "stopped by our handler" in r.stdout
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_sigterm_to_a_foreground_up_stops_the_cluster_and_exits_0():
+    import tempfile
+
+    import httpx
+
+    from bench.reliability_cli import session_pids
+    from cluster.ray_runtime import free_port, pid_is_head
+
+    tmp = Path(tempfile.mkdtemp(prefix="flt", dir="/tmp"))  # short: Ray's socket paths
+    port = free_port()
+    (tmp / "cluster.yaml").write_text(
+        "models:\n  - name: tiny\n    model: demo-small\n"
+        "    engine: {num_kv_blocks: 64, max_num_seqs: 4, num_threads: 1}\n"
+        "    resources_per_replica: {num_cpus: 1}\n"
+        f"http: {{host: 127.0.0.1, port: {port}}}\nray: {{num_cpus: 2}}\n"
+    )
+    env = {**os.environ, "RAY_TMPDIR": str(tmp), "FLEETLM_STATE_DIR": str(tmp / "state")}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "-c", "import sys; from cluster.cli import main; sys.exit(main())"]
+    up = subprocess.Popen(
+        [*cmd, "up", "-c", str(tmp / "cluster.yaml"), "--ray-port", str(free_port())],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    head = None
+    try:
+        deadline = time.monotonic() + 300
+        body = {"model": "tiny", "prompt": "ok", "max_tokens": 1}
+        while True:  # serving (not only /health: the model replica too)
+            assert up.poll() is None, up.stdout.read() if up.stdout else ""
+            try:
+                url = f"http://127.0.0.1:{port}/v1/completions"
+                if httpx.post(url, json=body, timeout=10).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "fleetlm up never served"
+            time.sleep(1.0)
+        head = json.loads((tmp / "state" / "cluster.json").read_text())["head_pid"]
+        cluster = session_pids(os.getsid(head))
+        assert len(cluster) > 3  # GCS, raylet, Serve's actors, the replicas
+        up.send_signal(signal.SIGTERM)
+        out, _ = up.communicate(timeout=180)
+        assert up.returncode == 0, out[-3000:]
+        assert "Stopped." in out
+        assert not pid_is_head(head)
+        deadline = time.monotonic() + 30
+        while (left := [p for p in cluster if _alive(p)]) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert left == [], "processes of the cluster left behind"
+        assert not (tmp / "state" / "cluster.json").exists()
+        head = None
+    finally:
+        if up.poll() is None:
+            up.kill()
+        if head is not None:
+            from cluster.ray_runtime import stop_head
+
+            stop_head(head)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
