@@ -1,11 +1,21 @@
 """Where the CPU goes while one replica serves W1: CPU seconds per process (Serve proxy, ingress,
-replica, engine core, the client) for the engine core in its own process and on a thread of the
-replica, runs interleaved (A B A B ...) so machine noise hits both alike.
+replica, engine core, the client) per run and per 1,000 streamed tokens, for each engine mode
+(``--modes``: the engine core in its own process or on a thread of the replica; "-mainloop":
+Serve runs our code on each replica's main event loop; "-passive": OpenMP threads sleep instead
+of spinning), each run on a fresh Ray instance, runs interleaved (A B A B ...) so machine noise
+hits every mode alike.
 
     flock /tmp/fleetlm-bench.lock python bench/serving_cpu.py --repeats 3 --json out.json
+    python bench/serving_cpu.py --burn 2 ...   # with two busy-looping processes beside it
 
-Each run reports output tok/s, wall time, and per process kind CPU seconds (user + system, from
-/proc) over the run; "busy" is all CPU seconds over wall time (2.0 = both cores of this machine).
+Each run reports output tok/s, p50 inter-token latency, wall time, and per process kind CPU
+seconds (user + system, from /proc) over the run and per 1,000 output tokens; "busy" is all CPU
+seconds over wall time (2.0 = both cores of this machine). Every run (and its unmeasured run
+before) sends prompts of its own, so none hits the prefix cache another filled. ``--burn N``
+starts N processes that spin at nice 0 for the whole command: a busy machine, made repeatable.
+``--env KEY=VALUE`` sets a variable in every process of the Ray instance (e.g. an OpenMP wait
+policy). ``--profile DIR`` runs py-spy on the proxy, ingress, replica and engine core over each
+measured run and adds each one's top frames to the JSON (those runs' CPU includes py-spy's).
 """
 
 from __future__ import annotations
@@ -14,23 +24,43 @@ import argparse
 import asyncio
 import json
 import os
+import re
+import signal
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from routing import cluster_config, deploy_and_wait, free_port, undeploy, warm_up  # noqa: E402
+from routing import cluster_config, deploy_and_wait, free_port, warm_up  # noqa: E402
 
 from cluster.bench.client import run_workload  # noqa: E402
 from cluster.bench.workloads import make_workload  # noqa: E402
 
 CLK = os.sysconf("SC_CLK_TCK")
+# Serve's user code (our deployments) on each replica's main event loop, and its router on the
+# caller's loop: what Serve's throughput-optimized mode sets, without its direct ingress.
+_MAIN_LOOP = {
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+}
+_PASSIVE = {"OMP_WAIT_POLICY": "PASSIVE"}  # OpenMP threads sleep at once instead of spinning
+# mode -> (engine_process, environment of every process of the mode's Ray instance)
+MODES: dict[str, tuple[bool, dict[str, str]]] = {
+    "process": (True, {}),
+    "thread": (False, {}),
+    "process-mainloop": (True, _MAIN_LOOP),
+    "thread-mainloop": (False, _MAIN_LOOP),
+    "process-passive": (True, _PASSIVE),
+    "thread-passive": (False, _PASSIVE),
+}
 
 
-def proc_table() -> list[tuple[str, float]]:
-    """(command line, CPU seconds) of every process of this machine (/proc)."""
+def proc_table() -> list[tuple[int, int, str, float]]:
+    """(pid, parent pid, command line, CPU seconds) of every process of this machine (/proc)."""
     out = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -41,8 +71,26 @@ def proc_table() -> list[tuple[str, float]]:
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2 :].split()
-        out.append((cmd, (int(fields[11]) + int(fields[12])) / CLK))  # utime + stime
+        cpu = (int(fields[11]) + int(fields[12])) / CLK  # utime + stime
+        out.append((int(pid), int(fields[1]), cmd, cpu))
     return out
+
+
+def own_processes() -> list[tuple[int, str, float]]:
+    """(pid, command line, CPU seconds) of this command's descendants: the Ray instance it
+    started (GCS, raylet, workers) and their children (engine cores); not other Ray instances
+    on a shared machine."""
+    table = proc_table()
+    children: dict[int, list[int]] = {}
+    for pid, ppid, _, _ in table:
+        children.setdefault(ppid, []).append(pid)
+    mine, todo = set(), [os.getpid()]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            if c not in mine:
+                mine.add(c)
+                todo.append(c)
+    return [(pid, cmd, cpu) for pid, _, cmd, cpu in table if pid in mine]
 
 
 def kind(cmd: str) -> str | None:
@@ -63,7 +111,7 @@ def kind(cmd: str) -> str | None:
 
 def cpu_by_kind() -> dict[str, float]:
     out: dict[str, float] = {}
-    for cmd, cpu in proc_table():
+    for _, cmd, cpu in own_processes():
         k = kind(cmd)
         if k is not None:
             out[k] = out.get(k, 0.0) + cpu
@@ -72,17 +120,92 @@ def cpu_by_kind() -> dict[str, float]:
     return out
 
 
-def one_run(url: str, model: str) -> dict:
+PROFILED = ("proxy", "ingress", "replica", "engine_core")
+PY_SPY = str(Path(sys.executable).parent / "py-spy")
+
+
+def start_profiles(out_dir: Path, tag: str) -> list[tuple[subprocess.Popen, Path]]:
+    """py-spy (100 Hz) on each serving process, only samples of the thread holding the GIL: the
+    Python CPU (threads blocked in Ray's native code would otherwise look busy)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for pid, cmd, _ in own_processes():
+        k = kind(cmd)
+        if k in PROFILED:
+            path = out_dir / f"{tag}-{k}-{pid}.txt"
+            cmd_ = [PY_SPY, "record", "-p", str(pid), "-r", "100", "-f", "raw", "-o", str(path)]
+            procs.append((subprocess.Popen([*cmd_, "--gil"], **_QUIET), path))
+    time.sleep(1.0)  # py-spy attaches
+    return procs
+
+
+_QUIET = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+
+
+def stop_profiles(procs: list[tuple[subprocess.Popen, Path]]) -> dict[str, list]:
+    """SIGINT each py-spy (it writes its file then) and summarize: per file, the samples and
+    the top functions by own samples (the frame a sample ends in)."""
+    for p, _ in procs:
+        p.send_signal(signal.SIGINT)
+    out = {}
+    for p, path in procs:
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+        if path.exists():
+            out[path.name] = top_frames(path.read_text())
+    return out
+
+
+def top_frames(collapsed: str, n: int = 12) -> dict[str, Any]:
+    """Collapsed stacks ("f1;f2;...;leaf count" per line) -> total samples, the ``n`` leaf
+    frames with the most samples ("top", native frames included) and the ``n`` innermost Python
+    functions ("top_py": the Python code a sample was in, with the native code it called)."""
+    leaves: dict[str, int] = {}
+    pys: dict[str, int] = {}
+    total = 0
+    for line in collapsed.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = [re.sub(r":\d+\)", ")", f) for f in stack.split(";")]
+        leaves[frames[-1]] = leaves.get(frames[-1], 0) + int(count)
+        py = next((f for f in reversed(frames) if ".py)" in f), "(no Python frame)")
+        pys[py] = pys.get(py, 0) + int(count)
+        total += int(count)
+
+    def top(d: dict[str, int]) -> list[tuple[str, float]]:
+        return [
+            (f, round(c / max(total, 1), 3))
+            for f, c in sorted(d.items(), key=lambda kv: -kv[1])[:n]
+        ]
+
+    return {"samples": total, "top": top(leaves), "top_py": top(pys)}
+
+
+def one_run(url: str, model: str, seed: int, profile: tuple[Path, str] | None = None) -> dict:
+    procs = start_profiles(*profile) if profile else []
     before, t0 = cpu_by_kind(), time.perf_counter()
-    res = asyncio.run(run_workload(url, model, make_workload("W1", seed=0), progress=False))
+    res = asyncio.run(run_workload(url, model, make_workload("W1", seed=seed), progress=False))
     wall, after = time.perf_counter() - t0, cpu_by_kind()
+    profiles = stop_profiles(procs) if procs else None
     cpu = {k: round(after[k] - before.get(k, 0.0), 2) for k in after}
+    k_tokens = res.total_output_tokens / 1000
     return {
         "tok_s": round(res.output_throughput, 1),
+        "itl_p50_ms": round(res.itl_ms.p50, 1),
         "wall_s": round(wall, 2),
         "cpu_s": cpu,
+        "cpu_s_per_1k_tokens": {k: round(v / k_tokens, 3) for k, v in cpu.items()},
         "busy": round(sum(cpu.values()) / wall, 2),
+        **({"profiles": profiles} if profiles else {}),
     }
+
+
+def _burn() -> None:
+    while True:
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,37 +213,87 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="demo")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--modes", nargs="+", default=["process", "thread"], choices=MODES)
+    p.add_argument("--burn", type=int, default=0, help="busy-looping processes beside the runs")
+    p.add_argument(
+        "--profile",
+        help="folder: py-spy each serving process over every measured run (collapsed stacks);"
+        " the figures of such runs include py-spy's own CPU",
+    )
+    p.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set in every process of the Ray instance (replicas, engine cores), e.g."
+        " OMP_WAIT_POLICY=PASSIVE",
+    )
     p.add_argument("--json")
     args = p.parse_args(argv)
+    for kv in args.env:
+        key, sep, value = kv.partition("=")
+        if not sep or not key:
+            p.error(f"--env wants KEY=VALUE, got {kv!r}")
+        os.environ[key] = value
+    import multiprocessing
+
     import ray
     from ray import serve
 
     from cluster.ray_runtime import WORKER_NICENESS_ENV
 
     os.environ.setdefault(WORKER_NICENESS_ENV, "0")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     port = free_port()
-    runs: dict[str, list[dict]] = {"process": [], "thread": []}
+    runs: dict[str, list[dict]] = {m: [] for m in args.modes}
+    burners = [multiprocessing.Process(target=_burn, daemon=True) for _ in range(args.burn)]
+    for b in burners:
+        b.start()
+    seed = 0
     try:
         for _ in range(args.repeats):
-            for mode in ("process", "thread"):
-                engine = {"max_num_seqs": 64, "num_threads": args.threads}
-                cfg = cluster_config(
-                    args.model, port, 1, "prefix_aware", 8, engine, float(args.threads),
-                    engine_process=mode == "process",
-                )  # fmt: skip
-                url = deploy_and_wait(cfg)
-                warm_up(url, args.model, 4)
-                asyncio.run(run_workload(url, args.model, make_workload("W1"), progress=False))
-                r = one_run(url, args.model)
-                print(f"   {mode}: {json.dumps(r)}", flush=True)
-                runs[mode].append(r)
-                undeploy()
+            for mode in args.modes:
+                engine_process, env = MODES[mode]
+                saved = dict(os.environ)
+                os.environ.update(env)  # a Ray instance of the mode's own: Serve reads it at start
+                ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+                try:
+                    engine = {"max_num_seqs": 64, "num_threads": args.threads}
+                    cfg = cluster_config(
+                        args.model, port, 1, "prefix_aware", 8, engine, float(args.threads),
+                        engine_process=engine_process,
+                    )  # fmt: skip
+                    url = deploy_and_wait(cfg)
+                    warm_up(url, args.model, 4)
+                    seed += 2
+                    wl = make_workload("W1", seed=seed)
+                    asyncio.run(run_workload(url, args.model, wl, progress=False))
+                    tag = f"{mode}{len(runs[mode])}"
+                    prof = (Path(args.profile), tag) if args.profile else None
+                    r = one_run(url, args.model, seed + 1, prof)
+                    print(f"   {mode}: {json.dumps(r)}", flush=True)
+                    runs[mode].append(r)
+                finally:
+                    serve.shutdown()
+                    ray.shutdown()
+                    os.environ.clear()
+                    os.environ.update(saved)
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        for b in burners:
+            b.terminate()
     summary = {m: statistics.median(r["tok_s"] for r in rs) for m, rs in runs.items()}
-    result = {"command": " ".join(sys.argv), "median_tok_s": summary, "runs": runs}
+    per_1k = {
+        m: {
+            k: round(statistics.median(r["cpu_s_per_1k_tokens"].get(k, 0.0) for r in rs), 3)
+            for k in rs[0]["cpu_s_per_1k_tokens"]
+        }
+        for m, rs in runs.items()
+    }
+    result = {
+        "command": " ".join(sys.argv),
+        "median_tok_s": summary,
+        "median_cpu_s_per_1k_tokens": per_1k,
+        "runs": runs,
+    }
     print(json.dumps(result, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,9 +51,40 @@ WORKLOADS = {
     ],
 }  # fmt: skip
 KEYS = ("output_throughput", "mean_ttft_ms", "median_ttft_ms", "mean_tpot_ms", "median_itl_ms")
+# Prompt tokens looked up in / found in the prefix cache, from each server's /metrics (fleetlm's
+# engine counters as Ray exports them; vLLM's own).
+HIT_METRICS = {
+    "fleetlm": ("ray_fleetlm_prefix_cache_hits_total", "ray_fleetlm_prefix_cache_queries_total"),
+    "vllm": ("vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total"),
+}
+METRICS_LAG_S = 6.0  # Ray exports a replica's metrics every few seconds
 
 
-def run_client(args, base_url: str, model: str, tokenizer: str, workload: str) -> dict:
+def prefix_cache_counts(base_url: str, server: str) -> tuple[float, float]:
+    """(hit tokens, queried tokens) so far, from the server's /metrics ((0, 0) if unreadable:
+    the hit rate is then left out, the run still counts)."""
+    try:
+        text = urllib.request.urlopen(base_url + "/metrics", timeout=10).read().decode()
+    except OSError as e:
+        print(f"   /metrics unreadable: {e!r}")
+        return 0.0, 0.0
+    return prefix_cache_sums(text, server)
+
+
+def prefix_cache_sums(text: str, server: str) -> tuple[float, float]:
+    """(hit tokens, queried tokens) in Prometheus text, summed over every series of the two
+    counters (with or without the "_total" suffix)."""
+    hits_name, queries_name = (n.removesuffix("_total") for n in HIT_METRICS[server])
+    sums = {hits_name: 0.0, queries_name: 0.0}
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0].removesuffix("_total")
+        if name in sums:
+            sums[name] += float(line.rsplit(" ", 1)[1])
+    return sums[hits_name], sums[queries_name]
+
+
+def run_client(args, base_url: str, model: str, tokenizer: str, workload: str, server: str) -> dict:
+    h0, q0 = prefix_cache_counts(base_url, server)
     out = tempfile.mkdtemp(prefix="vllm-bench-")
     cmd = [
         args.vllm_python, "-c", CLIENT, "--backend", "openai", "--base-url", base_url,
@@ -64,7 +96,10 @@ def run_client(args, base_url: str, model: str, tokenizer: str, workload: str) -
     subprocess.run(cmd, check=True, cwd=out, stdout=subprocess.DEVNULL)
     r = json.loads(Path(out, "r.json").read_text())
     row = {k: r.get(k) for k in KEYS}
-    print(f"   {workload}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items() if v is not None))
+    time.sleep(METRICS_LAG_S if server == "fleetlm" else 0.5)
+    h1, q1 = prefix_cache_counts(base_url, server)
+    row["prefix_cache_hit_rate"] = (h1 - h0) / (q1 - q0) if q1 > q0 else None
+    print(f"   {workload}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if v is not None))
     return row
 
 
@@ -82,7 +117,7 @@ def run_fleetlm(args, model_dir: str) -> dict:
                 ["curl", "-s", url + "/v1/models"], capture_output=True, text=True, check=True
             ).stdout
         )["data"][0]["id"]
-        return {w: run_client(args, url, name, model_dir, w) for w in args.workloads}
+        return {w: run_client(args, url, name, model_dir, w, "fleetlm") for w in args.workloads}
     finally:
         subprocess.run([fleetlm, "down"], env=env, check=False)
 
@@ -90,7 +125,10 @@ def run_fleetlm(args, model_dir: str) -> dict:
 def run_vllm(args, model_dir: str) -> dict:
     print("\n== vLLM's OpenAI server (bench/vllm_server.py)")
     with VLLMServer(args.model, vllm_python=args.vllm_python) as srv:
-        return {w: run_client(args, srv.url, srv.model_name, model_dir, w) for w in args.workloads}
+        return {
+            w: run_client(args, srv.url, srv.model_name, model_dir, w, "vllm")
+            for w in args.workloads
+        }
 
 
 def main(argv: list[str] | None = None) -> int:

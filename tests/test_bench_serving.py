@@ -1,0 +1,67 @@
+"""The serving benchmarks' pure parts: /metrics counters (bench/vllm_client.py), collapsed-stack
+summaries and this command's own processes (bench/serving_cpu.py)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+
+import serving_cpu  # noqa: E402
+import vllm_client  # noqa: E402
+
+
+def test_prefix_cache_sums_adds_every_series_of_each_server_counter():
+    fleetlm = "\n".join(
+        [
+            "# HELP ray_fleetlm_prefix_cache_hits_total hits",
+            'ray_fleetlm_prefix_cache_hits_total{model="m",replica="a"} 30.0',
+            'ray_fleetlm_prefix_cache_hits_total{model="m",replica="b"} 10.0',
+            'ray_fleetlm_prefix_cache_queries_total{model="m",replica="a"} 80.0',
+            "ray_fleetlm_prefix_cache_queries_total 20.0",
+            'ray_fleetlm_prefix_cache_hits_created{model="m"} 1.7e9',
+        ]
+    )
+    assert vllm_client.prefix_cache_sums(fleetlm, "fleetlm") == (40.0, 100.0)
+    vllm = 'vllm:prefix_cache_queries{engine="0"} 64\nvllm:prefix_cache_hits_total{engine="0"} 48'
+    assert vllm_client.prefix_cache_sums(vllm, "vllm") == (48.0, 64.0)
+    assert vllm_client.prefix_cache_sums(vllm, "fleetlm") == (0.0, 0.0)
+
+
+def test_top_frames_shares_of_leaves_and_innermost_python_functions():
+    collapsed = "\n".join(
+        [
+            "main (a.py:1);step (b.py:7);sgemm (libmkl.so) 6",
+            "main (a.py:1);step (b.py:9);sgemm (libmkl.so) 2",
+            "main (a.py:1);dumps (json/__init__.py:3) 2",
+            "garbage line",
+        ]
+    )
+    t = serving_cpu.top_frames(collapsed, n=2)
+    assert t["samples"] == 10
+    assert t["top"] == [("sgemm (libmkl.so)", 0.8), ("dumps (json/__init__.py)", 0.2)]
+    assert t["top_py"][0] == ("step (b.py)", 0.8)  # line numbers merged
+
+
+def test_own_processes_are_this_commands_descendants_only():
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        pids = {pid for pid, _, _ in serving_cpu.own_processes()}
+        assert child.pid in pids and os.getpid() not in pids and 1 not in pids
+    finally:
+        child.kill()
+        child.wait()
+
+
+@pytest.mark.parametrize("cmd,kind", [
+    ("/x/python -m engine.engine_core 5 8", "engine_core"),
+    ("ray::ServeReplica:fleetlm:LLMServer-demo", "replica"),
+    ("ray::ServeReplica:fleetlm:OpenAIIngress", "ingress"),
+    ("ray::ProxyActor", "proxy"),
+    ("python bench/serving_cpu.py", None),
+])  # fmt: skip
+def test_process_kinds(cmd, kind):
+    assert serving_cpu.kind(cmd) == kind
