@@ -79,6 +79,9 @@ def main() -> None:
     # Named ranges for what aten does not see (our kernels) and the engine's phases.
     _wrap(PagedAttention, "paged", "paged attention kernel")
     _wrap(PagedAttention, "store_kv", "store K/V")
+    fused = getattr(eng.runner.model, "fused", None)
+    if fused is not None:  # engine/csrc/fused_ops.cpp (a module: wrap its function in place)
+        _wrap(fused, "rotary_store_kv", "rotary + store K/V")
     runner = eng.runner
     _wrap(type(runner), "forward", "runner.forward")
     _wrap(type(runner.sampler), "sample_step", "sampler")
@@ -99,6 +102,7 @@ def main() -> None:
         if e.key in (
             "paged attention kernel",
             "store K/V",
+            "rotary + store K/V",
             "runner.forward",
             "sampler",
             "scheduler.schedule",

@@ -62,7 +62,7 @@ class Attention(nn.Module):
         ops) the whole tables and the positions (cos, sin, positions [T])."""
         t = x.shape[0]
         qkv = self.qkv_proj(x)
-        if fused is not None and self.q_norm is None:
+        if fused is not None:
             # Rotate q and k in place inside qkv and store k, v in their slots: one pass.
             cos, sin, positions = rope
             fused.rotary_store_kv(
@@ -73,11 +73,7 @@ class Attention(nn.Module):
             k, v = qkv[:, self.q_size :].view(t, 2 * self.num_kv_heads, self.head_dim).chunk(2, 1)
             o = attn.attend(q, k, v, kv[0], kv[1], meta, self.scale)
             return self._out(o, t)
-        if fused is not None:  # Qwen3's q/k norms come before the rotary: the torch path
-            cos, sin, positions = rope
-            cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
-        else:
-            cos, sin = rope
+        cos, sin = rope
         v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is None:
             # q and k heads side by side [T, H + Hkv, D]: one rotary pass for both.
@@ -157,7 +153,8 @@ class LlamaForCausalLM(nn.Module):
         self.attn = attn
         self.kv_caches = list(zip(k, v, strict=True))
         self.fused = None
-        if attn.cpu is not None:
+        # Qwen3's q/k norms come between the projection and the rotary: the torch path.
+        if attn.cpu is not None and not self.shape.qk_norm:
             from engine.cpu_kernels import fused_ops_kernel
 
             self.fused = fused_ops_kernel()
