@@ -1,5 +1,5 @@
-"""The C++ paged-decode kernel against the torch path it replaces (gather + SDPA), on a paged layout
-with scattered blocks, ragged context lengths and grouped-query heads."""
+"""The C++ paged-attention kernels against the torch path they replace (gather + SDPA), on a paged
+layout with scattered blocks, ragged context lengths and grouped-query heads."""
 
 import pytest
 import torch
@@ -69,10 +69,10 @@ def test_kernel_ignores_padding_past_each_length():
 def _varlen_case(seed: int, q_lens, ctx_before, kv_heads=2, group=2, head_dim=32, block=16):
     """Requests with q_lens[i] new tokens after ctx_before[i] cached ones, on scattered blocks."""
     g = torch.Generator().manual_seed(seed)
-    num_blocks = 96
+    seq_lens = [a + b for a, b in zip(q_lens, ctx_before, strict=True)]
+    num_blocks = max(96, sum(-(-s // block) for s in seq_lens))
     k = torch.randn(num_blocks * block, kv_heads, head_dim, generator=g)
     v = torch.randn(num_blocks * block, kv_heads, head_dim, generator=g)
-    seq_lens = [a + b for a, b in zip(q_lens, ctx_before, strict=True)]
     max_blocks = max(-(-s // block) for s in seq_lens) + 1
     perm = torch.randperm(num_blocks, generator=g)
     tables = torch.full((len(q_lens), max_blocks), -1, dtype=torch.int32)
@@ -107,11 +107,49 @@ def test_varlen_paged_attention_matches_reference(q_lens, ctx_before, dtype):
     torch.testing.assert_close(got.float(), want, **tol)
 
 
+@pytest.mark.parametrize(
+    "kv_heads,group,head_dim",
+    [(4, 2, 64), (2, 4, 128), (1, 8, 80), (2, 1, 40), (1, 20, 16)],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_varlen_head_shapes_and_long_chunks(kv_heads, group, head_dim, dtype):
+    """Head dims with a compiled fast path (64, 128), without one (80) and not a multiple of 16
+    (40); chunks of more than 16 query vectors (several work items per sequence, causal limits
+    inside a tile), a group wider than one item (20 heads per KV head), many sequences (items
+    over all KV heads) beside few (one KV head per item)."""
+    from engine.models.attention import paged_reference
+
+    q_lens = [37, 1, 1, 9, 1, 1, 1, 1, 1, 1]
+    ctx = [50, 130, 17, 0, 1, 64, 15, 16, 33, 190]
+    for lens in ((q_lens, ctx), (q_lens[:2], ctx[:2])):
+        q, k, v, bt, qsl, sl, block = _varlen_case(
+            11, *lens, kv_heads=kv_heads, group=group, head_dim=head_dim
+        )
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        scale = head_dim**-0.5
+        got = kernel.paged_attention(q, k, v, bt, qsl, sl, block, scale)
+        want = paged_reference(q.float(), k.float(), v.float(), bt, qsl, sl, block, scale)
+        tol = dict(atol=2e-6, rtol=2e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(got.float(), want, **tol)
+
+
+def test_varlen_matches_reference_for_any_block_size():
+    """Tiles of 16 positions cross block boundaries when blocks are smaller or not a divisor."""
+    from engine.models.attention import paged_reference
+
+    for block in (1, 5, 16, 48):
+        q, k, v, bt, qsl, sl, _ = _varlen_case(3, [3, 1, 20], [40, 70, 25], block=block)
+        got = kernel.paged_attention(q, k, v, bt, qsl, sl, block, 0.17)
+        want = paged_reference(q, k, v, bt, qsl, sl, block, 0.17)
+        torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-5)
+
+
 def test_varlen_empty_sequence_gives_zeros_and_store_kv_skips_minus_one():
     q, k, v, bt, qsl, lens, block = _varlen_case(7, [1, 1], [9, 0])
     lens[1] = 0  # a padding row of a static decode batch
+    q = torch.cat([q, torch.randn(2, *q.shape[1:])])  # two rows no sequence owns
     out = kernel.paged_attention(q, k, v, bt, qsl, lens, block, 0.2)
-    assert torch.count_nonzero(out[1]) == 0 and torch.count_nonzero(out[0]) > 0
+    assert torch.count_nonzero(out[1:]) == 0 and torch.count_nonzero(out[0]) > 0
     kc, vc = k.clone(), v.clone()
     new_k = torch.randn(3, *k.shape[1:])
     new_v = torch.randn(3, *k.shape[1:])
