@@ -59,6 +59,12 @@ class EngineCoreClient:
         p2c_r, p2c_w = os.pipe()
         c2p_r, c2p_w = os.pipe()
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        # OpenMP threads that wait spin for a while by default. Beside the replica, ingress and
+        # proxy on the same cores, a spinning thread holds a core another of those needs, and a
+        # descheduled one holds up its siblings' barrier: on 2 busy cores the engine core spent
+        # 4x the CPU per token of the same loop on a replica thread, at a quarter of the
+        # throughput; sleeping at once brought it level (BENCHMARKS.md, serving path).
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "engine.engine_core", str(p2c_r), str(c2p_w)],
             pass_fds=(p2c_r, c2p_w),

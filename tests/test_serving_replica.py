@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
 from typing import Any
 
 import pytest
@@ -304,6 +305,18 @@ def real(request):
     )
     yield s
     s.engine.shutdown()
+
+
+def test_engine_core_openmp_threads_sleep_when_waiting(real):
+    # Spinning OpenMP threads beside the replica, ingress and proxy on the same cores cost the
+    # engine core 4x the CPU per token on a busy machine (BENCHMARKS.md, serving path).
+    proc = getattr(real.engine, "proc", None)
+    if proc is None:
+        pytest.skip("the engine loop runs on a thread of this process")
+    env = dict(
+        kv.split("=", 1) for kv in open(f"/proc/{proc.pid}/environ").read().split("\0") if "=" in kv
+    )
+    assert env.get("OMP_WAIT_POLICY") == os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def test_real_engine_n2_seeded_repeats(real):
