@@ -1,9 +1,10 @@
 """Where the CPU goes while one replica serves W1: CPU seconds per process (Serve proxy, ingress,
 replica, engine core, the client) per run and per 1,000 streamed tokens, for each engine mode
 (``--modes``: the engine core in its own process or on a thread of the replica; "-mainloop":
-Serve runs our code on each replica's main event loop; "-passive": OpenMP threads sleep instead
-of spinning), each run on a fresh Ray instance, runs interleaved (A B A B ...) so machine noise
-hits every mode alike.
+Serve runs our code on each replica's main event loop; "process-spin": the engine core's OpenMP
+threads spin before they sleep, libgomp's default; "thread-passive": the replica's sleep at once,
+as the engine core's do), each run on a fresh Ray instance, runs interleaved (A B A B ...) so
+machine noise hits every mode alike.
 
     flock /tmp/fleetlm-bench.lock python bench/serving_cpu.py --repeats 3 --json out.json
     python bench/serving_cpu.py --burn 2 ...   # with two busy-looping processes beside it
@@ -47,14 +48,17 @@ _MAIN_LOOP = {
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
 }
-_PASSIVE = {"OMP_WAIT_POLICY": "PASSIVE"}  # OpenMP threads sleep at once instead of spinning
+# The engine core starts with OMP_WAIT_POLICY=PASSIVE (OpenMP threads sleep at once); libgomp's
+# default instead spins 300,000 times first, which GOMP_SPINCOUNT brings back.
+_SPIN = {"GOMP_SPINCOUNT": "300000"}
+_PASSIVE = {"OMP_WAIT_POLICY": "PASSIVE"}
 # mode -> (engine_process, environment of every process of the mode's Ray instance)
 MODES: dict[str, tuple[bool, dict[str, str]]] = {
     "process": (True, {}),
     "thread": (False, {}),
     "process-mainloop": (True, _MAIN_LOOP),
     "thread-mainloop": (False, _MAIN_LOOP),
-    "process-passive": (True, _PASSIVE),
+    "process-spin": (True, _SPIN),
     "thread-passive": (False, _PASSIVE),
 }
 
