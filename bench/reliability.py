@@ -439,12 +439,22 @@ def node_loss(root: str, args: argparse.Namespace) -> dict[str, Any]:
                 at_kill[f"client_connections_{where}_proxy"] = client_connections(a["pid"], port)
             return worker.pid, on_node["name"]
 
-        # SIGKILL to the node's whole process group (raylet, workers, the replica): the node
-        # vanishes as a crashed machine would, without draining.
+        # SIGKILL to every process of the node at once (`ray start`, its raylet and the workers
+        # the raylet started: the replica, Serve's proxy there), as a crashed machine vanishes.
+        # The process group is not enough: the raylet's workers are not in it, and they lived on
+        # for seconds after their raylet, still serving.
+        def kill_node(pid: int) -> None:
+            from bench.soak import process_tree
+
+            for p in process_tree(pid):
+                try:
+                    os.kill(p, signal.SIGKILL)
+                except OSError:
+                    pass
+
         outcomes, t_kill, victim = kill_during_load(
-            base, app, dep, pick, args.streams, args.max_tokens,
-            kill=lambda pid: os.killpg(pid, signal.SIGKILL),
-        )  # fmt: skip
+            base, app, dep, pick, args.streams, args.max_tokens, kill=kill_node
+        )
         recovery = wait_recovered(base, app, dep, 2, t_kill, gone=victim)
         leaked = leaked_blocks(app, dep)
         _delete(app)
