@@ -1,7 +1,7 @@
 """LLMServer: one Ray Serve replica of one model. It admits requests, streams their tokens through
 output channels and reports stats; the engine behind it is an ``EngineClient`` it is given
-(engine/async_engine.py): by default (``engine_process``) the engine core in a process of its own
-(engine/engine_core.py), else the engine loop on a thread of the replica.
+(engine/async_engine.py): by default the engine loop on a thread of the replica, with
+``engine_process`` the engine core in a process of its own (engine/engine_core.py).
 
 The ingress calls ``handle.options(stream=True).generate.remote(req)`` with::
 
@@ -316,8 +316,8 @@ class LLMServer:
 
 
 def default_engine(mc: Any) -> EngineClient:
-    """The replica's engine: the engine core in a process of its own (``engine_process``), or the
-    engine loop on a thread of the replica; tensor-parallel shards 1..N-1 as Ray actors."""
+    """The replica's engine: the engine loop on a thread of the replica, or (``engine_process``)
+    the engine core in a process of its own; tensor-parallel shards 1..N-1 as Ray actors."""
     config = mc.engine_config()
     launcher = master_addr = None
     if config.tensor_parallel_size > 1:
