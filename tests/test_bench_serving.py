@@ -8,10 +8,14 @@ from pathlib import Path
 
 import pytest
 
+# Both scripts put bench/ first on sys.path to import their neighbours; take it off again, or
+# bench/autoscaling.py would shadow the autoscaling package for the rest of the test session.
+_saved_path = list(sys.path)
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-
 import serving_cpu  # noqa: E402
 import vllm_client  # noqa: E402
+
+sys.path[:] = _saved_path
 
 
 def test_prefix_cache_sums_adds_every_series_of_each_server_counter():
