@@ -605,13 +605,13 @@ def _delete(app: str) -> None:
 def fleetlm_down(root: str, args: argparse.Namespace) -> dict[str, Any]:
     from bench.reliability_cli import run
 
-    return run("down", args.streams, args.max_tokens)
+    return run("down", args.streams, args.max_tokens, args.drain_timeout)
 
 
 def fleetlm_up_sigterm(root: str, args: argparse.Namespace) -> dict[str, Any]:
     from bench.reliability_cli import run
 
-    return run("sigterm", args.streams, args.max_tokens)
+    return run("sigterm", args.streams, args.max_tokens, args.drain_timeout)
 
 
 FAULTS = {
@@ -635,6 +635,9 @@ def main() -> None:
     ap.add_argument("--streams", type=int, default=16, help="concurrent streams during a fault")
     ap.add_argument("--max-tokens", type=int, default=400, help="tokens per streamed request")
     ap.add_argument("--ingress-replicas", type=int, default=1, help="for ingress_kill")
+    ap.add_argument(
+        "--drain-timeout", type=float, default=30.0, help="http.drain_timeout_s for fleetlm_*"
+    )
     ap.add_argument("--clients", type=int, default=500, help="disconnect storm clients")
     ap.add_argument("--soak-s", type=float, default=120.0, help="soak duration (bench/soak.py)")
     args = ap.parse_args()

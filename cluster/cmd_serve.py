@@ -179,10 +179,12 @@ def cmd_up(args: argparse.Namespace) -> int:
         models=[m.name for m in cfg.models],
         config_path=str(Path(args.config).resolve()) if args.config else None,
         detached=args.detach,
+        drain_timeout_s=cfg.http.drain_timeout_s,
     )
     save_state(state)
     try:
         ray_runtime.connect(address, auth_mode)
+        _forget_drain(APP_NAME)  # a joined cluster may hold an earlier `down`'s drain
         deploy(deploy_cfg)
         wait_until_ready(APP_NAME, timeout_s=args.timeout)
     except (Exception, KeyboardInterrupt) as e:
@@ -311,10 +313,64 @@ def _print_ready(cfg: ClusterConfig, url: str) -> None:
     print(f"  curl {url}/v1/completions -H 'Content-Type: application/json'{auth} -d '{body}'")
 
 
+def _drain(state: ClusterState) -> None:
+    """Stop admitting and wait for the requests in flight (deployments/drain.py), at most
+    ``state.drain_timeout_s``. A second Ctrl-C / SIGTERM cuts the wait short."""
+    from ray import serve
+
+    from deployments import drain
+    from deployments.names import INGRESS_NAME
+
+    if state.drain_timeout_s <= 0:
+        return
+    app = serve.status().applications.get(state.app_name)
+    dep = app.deployments.get(INGRESS_NAME) if app else None
+    if dep is None:
+        return
+    states = {str(getattr(k, "value", k)): v for k, v in dep.replica_states.items()}
+    replicas = states.get("RUNNING", 0)
+    if not replicas:
+        return
+    drain.announce(state.app_name, state.drain_timeout_s)
+    _say(
+        f"Draining: new requests get a 503; up to {state.drain_timeout_s:g}s for the requests "
+        "in flight..."
+    )
+    t0 = time.monotonic()
+    try:
+        idle, left = drain.wait_until_idle(
+            lambda: drain.read_total(state.app_name, replicas), state.drain_timeout_s
+        )
+    except KeyboardInterrupt:
+        _say("Drain cut short.")
+        return
+    took = time.monotonic() - t0
+    if idle:
+        _say(f"Drained in {took:.1f}s.")
+    else:
+        what = "an unknown number of" if left is None else str(left)
+        _say(f"Grace period over after {took:.0f}s: {what} requests end with an error event.")
+        time.sleep(1.0)  # a stream writes its error event at its next chunk
+
+
+def _forget_drain(app_name: str) -> None:
+    from deployments import drain
+
+    try:
+        drain.clear(app_name)
+    except Exception:  # noqa: BLE001 - no KV: nothing to forget
+        pass
+
+
 def _teardown(state: ClusterState) -> None:
-    """Shut Serve down gracefully, then stop the head we started and forget the cluster."""
+    """Drain, shut Serve down gracefully, then stop the head we started and forget the
+    cluster."""
     from cluster import ray_runtime
 
+    try:
+        _drain(state)
+    except Exception as e:  # noqa: BLE001 - shut down regardless
+        _say(f"drain failed ({e}); shutting down")
     try:
         from ray import serve
 
@@ -324,6 +380,7 @@ def _teardown(state: ClusterState) -> None:
             serve.delete(state.app_name)
     except Exception:  # noqa: BLE001 - the head is stopped below regardless
         pass
+    _forget_drain(state.app_name)
     ray_runtime.disconnect()
     if state.head_pid is not None:
         ray_runtime.stop_head(

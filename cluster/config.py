@@ -242,6 +242,14 @@ class HttpConfig(_Strict):
         "served while a dead one is replaced; the streams a dying ingress carried are cut by "
         "Serve's proxy either way (RELIABILITY.md).",
     )
+    drain_timeout_s: float = Field(
+        30.0,
+        ge=0,
+        le=3600,
+        description="Grace period of `fleetlm down` (and of SIGTERM / Ctrl-C to a foreground "
+        "`fleetlm up`): new requests get a 503 'server is shutting down' while the requests in "
+        "flight finish; streams still running when it ends get an SSE error event. 0: no drain.",
+    )
 
 
 class ApiKey(_Strict):

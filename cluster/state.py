@@ -30,6 +30,7 @@ class ClusterState:
     config_path: str | None = None
     detached: bool = True
     started_at: float = field(default_factory=time.time)
+    drain_timeout_s: float = 30.0  # http.drain_timeout_s: `down` drains this long at most
 
 
 def state_path() -> Path:

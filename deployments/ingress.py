@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from deployments.drain import DrainState, DrainWatcher, shutting_down_error
 from deployments.ingress_metrics import RequestTimer, rt_metrics
 from deployments.limits import BodySizeLimit, Limits, check_request
 from deployments.metrics import prometheus_text
@@ -96,6 +97,13 @@ class OpenAIIngress:
         for rt in self.runtimes.values():
             rt.channels = new_channel_mux(rt.handle)
         self.created = int(time.time())
+        # `fleetlm down` drains through Ray's KV (deployments/drain.py): 503 for new requests.
+        self.drain = DrainState()
+        try:
+            ctx = serve.get_replica_context()
+            DrainWatcher(ctx.app_name, ctx.replica_id.unique_id, self.drain)
+        except Exception:  # noqa: BLE001 - outside Serve (tests build the class bare): no drain
+            logger.warning("no replica context: drain requests are not watched")
 
     # -- routes -------------------------------------------------------------------------------
     @app.get("/health")
@@ -169,7 +177,17 @@ class OpenAIIngress:
         # Metric label: only served model names (a client can't grow the label set).
         model = body.model if body.model in self.runtimes else "unknown"
         try:
-            return await self._respond(request, body, chat, rid, t0)
+            self.drain.admit()
+        except APIError as e:
+            rt_metrics(model).error(e.status)
+            return error_response(e)
+        streaming = False
+        try:
+            resp = await self._respond(request, body, chat, rid, t0)
+            if isinstance(resp, StreamingResponse):
+                resp.body_iterator = self._counted(resp.body_iterator)
+                streaming = True  # the stream counts itself out when it ends
+            return resp
         except APIError as e:
             rt_metrics(model).error(e.status)
             return error_response(e)
@@ -177,6 +195,16 @@ class OpenAIIngress:
             logger.exception("request %s failed", rid)
             rt_metrics(model).error(500)
             return error_response(internal_error(rid))
+        finally:
+            if not streaming:
+                self.drain.done()
+
+    async def _counted(self, chunks: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            self.drain.done()
 
     async def _respond(
         self,
@@ -287,6 +315,8 @@ class OpenAIIngress:
                 for idx, d in items:
                     apply_delta(states[idx], d)
                 yield writer.deltas(items, usage_of(states, n) if continuous else None)
+                if self.drain.deadline is not None and self.drain.expired(time.time()):
+                    raise shutting_down_error()  # the grace period is over: an error event
             if body.include_usage():
                 yield writer.usage(usage_of(states, n))
             yield SSE_DONE

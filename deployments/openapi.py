@@ -61,7 +61,10 @@ GENERATION_ERRORS: dict[int | str, dict[str, Any]] = {
         RATE_LIMIT_HEADERS,
     ),
     500: _error("An internal error while serving this request (the message names the request)."),
-    503: _error("No replica can take the request now (e.g. while one is being replaced)."),
+    503: _error(
+        "No replica can take the request now (e.g. while one is being replaced), or the server "
+        "is shutting down (code server_shutting_down)."
+    ),
 }
 
 

@@ -315,3 +315,13 @@ def test_ingress_replicas():
     assert one_error("models: [{name: m}]\nhttp: {ingress_replicas: 0}\n")[1] == (
         "http.ingress_replicas"
     )
+
+
+def test_drain_timeout():
+    assert parse_cluster_config("models: [{name: m}]\n").http.drain_timeout_s == 30.0
+    cfg = parse_cluster_config("models: [{name: m}]\nhttp: {drain_timeout_s: 2.5}\n")
+    assert cfg.http.drain_timeout_s == 2.5
+    off = parse_cluster_config("models: [{name: m}]\nhttp: {drain_timeout_s: 0}\n")
+    assert off.http.drain_timeout_s == 0  # 0: no drain
+    line, field, _ = one_error("models: [{name: m}]\nhttp:\n  drain_timeout_s: -1\n")
+    assert (line, field) == (3, "http.drain_timeout_s")

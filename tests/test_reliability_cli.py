@@ -1,5 +1,5 @@
 """`fleetlm up` keeps its SIGTERM handler once it is a Ray driver: ray.init() installs its own
-(sys.exit(15)), which skipped the CLI's teardown (stop Serve, then the head, exit 0)."""
+(sys.exit(15)), which skipped the CLI's teardown (drain, stop Serve, then the head, exit 0)."""
 
 from __future__ import annotations
 
@@ -52,12 +52,14 @@ def test_connect_keeps_the_callers_sigterm_handler(ray_session):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_sigterm_to_a_foreground_up_stops_the_cluster_and_exits_0():
+def test_sigterm_to_a_foreground_up_drains_stops_the_cluster_and_exits_0():
+    import asyncio
     import tempfile
 
     import httpx
 
-    from bench.reliability_cli import session_pids
+    from bench.reliability_cli import probe_while, session_pids
+    from bench.reliability_load import streaming_load, tally
     from cluster.ray_runtime import free_port, pid_is_head
 
     tmp = Path(tempfile.mkdtemp(prefix="flt", dir="/tmp"))  # short: Ray's socket paths
@@ -66,7 +68,7 @@ def test_sigterm_to_a_foreground_up_stops_the_cluster_and_exits_0():
         "models:\n  - name: tiny\n    model: demo-small\n"
         "    engine: {num_kv_blocks: 64, max_num_seqs: 4, num_threads: 1}\n"
         "    resources_per_replica: {num_cpus: 1}\n"
-        f"http: {{host: 127.0.0.1, port: {port}}}\nray: {{num_cpus: 2}}\n"
+        f"http: {{host: 127.0.0.1, port: {port}, drain_timeout_s: 120}}\nray: {{num_cpus: 2}}\n"
     )
     env = {**os.environ, "RAY_TMPDIR": str(tmp), "FLEETLM_STATE_DIR": str(tmp / "state")}
     env.pop("RAY_ADDRESS", None)
@@ -92,10 +94,27 @@ def test_sigterm_to_a_foreground_up_stops_the_cluster_and_exits_0():
         head = json.loads((tmp / "state" / "cluster.json").read_text())["head_pid"]
         cluster = session_pids(os.getsid(head))
         assert len(cluster) > 3  # GCS, raylet, Serve's actors, the replicas
-        up.send_signal(signal.SIGTERM)
-        out, _ = up.communicate(timeout=180)
+        base = f"http://127.0.0.1:{port}"
+
+        async def streams_then_sigterm():
+            load = asyncio.create_task(streaming_load(base, "tiny", {}, 4, 4, 128, limit_s=150))
+            await asyncio.sleep(1.5)  # the 4 streams are in flight
+            up.send_signal(signal.SIGTERM)
+            probes = await probe_while(base, {}, asyncio.create_task(asyncio.to_thread(up.wait)))
+            return await load, probes
+
+        outcomes, probes = asyncio.run(streams_then_sigterm())
+        out = up.stdout.read() if up.stdout else ""
         assert up.returncode == 0, out[-3000:]
-        assert "Stopped." in out
+        assert "Draining" in out and "Drained in" in out and "Stopped." in out, out[-3000:]
+        t = tally(outcomes)
+        assert t.completed == 4, t.to_dict()  # drained: every stream in flight ran to its end
+        # New requests while draining: the 503 naming the reason; after Serve: no connection.
+        assert probes.get("503 server_shutting_down", 0) >= 1, (probes, out[-2000:])
+        # A request admitted before the drain began completes (200); one that reaches the proxy
+        # while Serve itself stops may see its connection close (ReadError).
+        allowed = {"200", "503 server_shutting_down", "ConnectError", "ReadError"}
+        assert set(probes) <= allowed | {"RemoteProtocolError"}, (probes, out[-2000:])
         assert not pid_is_head(head)
         deadline = time.monotonic() + 30
         while (left := [p for p in cluster if _alive(p)]) and time.monotonic() < deadline:
