@@ -63,10 +63,6 @@ class DrainState:
     def done(self) -> None:
         self.in_flight = max(0, self.in_flight - 1)
 
-    def expired(self, now: float) -> bool:
-        """True once the grace period is over: streams still running end with an error event."""
-        return self.deadline is not None and now >= self.deadline
-
 
 def wait_until_idle(
     poll: Callable[[], int | None],
@@ -140,10 +136,19 @@ def clear(app: str) -> None:
 
 class DrainWatcher:
     """In an ingress replica: a daemon thread that reads the drain key every ``period_s`` and,
-    once draining, publishes this replica's in-flight count under its own key."""
+    once draining, publishes this replica's in-flight count under its own key. ``on_drain``
+    (deadline) is called once, from this thread, when the drain is first seen."""
 
-    def __init__(self, app: str, replica: str, state: DrainState, period_s: float = 0.25):
+    def __init__(
+        self,
+        app: str,
+        replica: str,
+        state: DrainState,
+        on_drain: Callable[[float], None] | None = None,
+        period_s: float = 0.25,
+    ):
         self.app, self.replica, self.state, self.period_s = app, replica, state, period_s
+        self.on_drain = on_drain
         threading.Thread(target=self._run, name="fleetlm-drain", daemon=True).start()
 
     def _run(self) -> None:
@@ -157,6 +162,8 @@ class DrainWatcher:
                     continue
                 if self.state.deadline is None:
                     self.state.deadline = float(json.loads(raw)["deadline"])
+                    if self.on_drain is not None:
+                        self.on_drain(self.state.deadline)
                 body = json.dumps({"in_flight": self.state.in_flight}).encode()
                 kv._internal_kv_put(key, body, True, namespace=KV_NAMESPACE)
             except Exception:  # noqa: BLE001 - the GCS going away ends the process soon anyway

@@ -99,9 +99,10 @@ class OpenAIIngress:
         self.created = int(time.time())
         # `fleetlm down` drains through Ray's KV (deployments/drain.py): 503 for new requests.
         self.drain = DrainState()
+        self._loop: asyncio.AbstractEventLoop | None = None  # the requests' loop (first request)
         try:
             ctx = serve.get_replica_context()
-            DrainWatcher(ctx.app_name, ctx.replica_id.unique_id, self.drain)
+            DrainWatcher(ctx.app_name, ctx.replica_id.unique_id, self.drain, self._on_drain)
         except Exception:  # noqa: BLE001 - outside Serve (tests build the class bare): no drain
             logger.warning("no replica context: drain requests are not watched")
 
@@ -176,6 +177,7 @@ class OpenAIIngress:
         rid = request.headers.get("x-request-id") or uuid.uuid4().hex
         # Metric label: only served model names (a client can't grow the label set).
         model = body.model if body.model in self.runtimes else "unknown"
+        self._loop = self._loop or asyncio.get_running_loop()
         try:
             self.drain.admit()
         except APIError as e:
@@ -198,6 +200,23 @@ class OpenAIIngress:
         finally:
             if not streaming:
                 self.drain.done()
+
+    def _on_drain(self, deadline: float) -> None:
+        """From the drain watcher's thread: at the deadline, end what is still in flight."""
+        loop = self._loop
+        if loop is None:
+            return  # no request ever came: nothing to end
+        delay = max(0.0, deadline - time.time())
+        loop.call_soon_threadsafe(loop.call_later, delay, self._end_in_flight)
+
+    def _end_in_flight(self) -> None:
+        """The grace period is over: every request still waiting on a replica ends with the
+        503 'server is shutting down' (an SSE error event for a stream that has begun), and its
+        replica call is cancelled as for a client that left."""
+        err = {"error": shutting_down_error().to_dict()}
+        for rt in self.runtimes.values():
+            for sink in list(rt.channels.sinks.values()):
+                sink.put_end(err)
 
     async def _counted(self, chunks: AsyncIterator[Any]) -> AsyncIterator[Any]:
         try:
@@ -315,8 +334,6 @@ class OpenAIIngress:
                 for idx, d in items:
                     apply_delta(states[idx], d)
                 yield writer.deltas(items, usage_of(states, n) if continuous else None)
-                if self.drain.deadline is not None and self.drain.expired(time.time()):
-                    raise shutting_down_error()  # the grace period is over: an error event
             if body.include_usage():
                 yield writer.usage(usage_of(states, n))
             yield SSE_DONE

@@ -40,13 +40,6 @@ def test_admit_counts_until_draining_then_503():
     assert st.in_flight == 0
 
 
-def test_expired_only_past_the_deadline():
-    st = DrainState()
-    assert not st.expired(1e12)
-    st.deadline = 10.0
-    assert not st.expired(9.99) and st.expired(10.0) and st.expired(11.0)
-
-
 def test_wait_until_idle_returns_once_zero_settles():
     clock = FakeClock()
     counts = iter([5, 3, 0, 1, 0, 0, 7])
