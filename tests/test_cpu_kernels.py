@@ -157,3 +157,40 @@ def test_varlen_empty_sequence_gives_zeros_and_store_kv_skips_minus_one():
     assert torch.equal(kc[5], new_k[0]) and torch.equal(vc[17], new_v[2])
     changed = (kc != k).any(dim=(1, 2)).nonzero().flatten().tolist()
     assert changed == [5, 17]
+
+
+def test_kernels_run_without_the_gil():
+    """A serving replica's event loop keeps running Python while the engine thread is inside a
+    kernel call: the kernels release the GIL."""
+    import threading
+    import time
+
+    g = torch.Generator().manual_seed(11)
+    batch, kv_heads, group, head_dim, ctx = 64, 4, 2, 64, 2048
+    k = torch.randn(batch * ctx, kv_heads, head_dim, generator=g)
+    v = torch.randn(batch * ctx, kv_heads, head_dim, generator=g)
+    q = torch.randn(batch, kv_heads, group, head_dim, generator=g)
+    slots = torch.arange(batch * ctx).view(batch, ctx)
+    lens = torch.full((batch,), ctx)
+    calls = 0
+    done = threading.Event()
+
+    def engine_loop():
+        nonlocal calls
+        t_end = time.monotonic() + 0.5
+        while time.monotonic() < t_end:
+            kernel.paged_decode(q, k, v, slots, lens, 0.125)
+            calls += 1
+        done.set()
+
+    t = threading.Thread(target=engine_loop)
+    ticks = 0
+    t.start()
+    while not done.is_set():
+        ticks += 1  # pure Python: runs only while the other thread is not holding the GIL
+        time.sleep(0)
+    t.join()
+    assert calls >= 1
+    # Holding the GIL, the loop above would get a tick in only between calls (one per call, at
+    # most a few); released, it spins throughout.
+    assert ticks > 20 * calls, (ticks, calls)

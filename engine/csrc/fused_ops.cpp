@@ -112,4 +112,7 @@ void rotary_store_kv(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin,
   }
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("rotary_store_kv", &rotary_store_kv); }
+// Runs without the GIL, as the attention kernels do (csrc/paged_attention.cpp).
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rotary_store_kv", &rotary_store_kv, py::call_guard<py::gil_scoped_release>());
+}

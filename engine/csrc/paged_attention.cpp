@@ -499,8 +499,11 @@ void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Te
   }
 }
 
+// The kernels touch no Python object, so they run without the GIL: on a serving replica the
+// engine loop shares its process with Serve's event loop, which streams tokens meanwhile.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_attention", &paged_attention);
-  m.def("paged_decode", &paged_decode);
-  m.def("store_kv", &store_kv);
+  using release = py::call_guard<py::gil_scoped_release>;
+  m.def("paged_attention", &paged_attention, release());
+  m.def("paged_decode", &paged_decode, release());
+  m.def("store_kv", &store_kv, release());
 }
