@@ -11,8 +11,9 @@ $(BIN)/fleetlm: pyproject.toml
 	# torch 2.13.0 is the CPU build; pin it first so nothing pulls a CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test,semantic]'
-	# Compile the CPU paged-decode kernel once now (cached), not on the first request.
-	$(BIN)/python -c "from engine.cpu_kernels import paged_decode_kernel as k; print('CPU kernel:', 'ready' if k() else 'unavailable (torch fallback)')"
+	# Compile the CPU kernels (paged attention, fused rotary + K/V store) once now (cached), not
+	# on the first request.
+	$(BIN)/python -c "from engine.cpu_kernels import paged_decode_kernel as a, fused_ops_kernel as b; print('CPU kernels:', 'ready' if a() and b() else 'unavailable (torch fallback)')"
 	touch $(BIN)/fleetlm
 
 install: $(BIN)/fleetlm
