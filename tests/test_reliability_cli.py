@@ -54,8 +54,9 @@ def test_connect_keeps_the_callers_sigterm_handler(ray_session):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("grace_s", "streams", "max_tokens"),
-    # The streams finish within the grace period / outlast it (4 run, 12 wait for a slot).
-    [(120.0, 4, 128), (0.5, 16, 400)],
+    # The streams finish within the grace period (long enough that new requests meet the drain) /
+        # outlast it (4 run, 12 wait for a slot).
+    [(120.0, 4, 400), (0.5, 16, 400)],
     ids=["drained", "grace-over"],
 )
 def test_sigterm_to_a_foreground_up_drains_stops_the_cluster_and_exits_0(
