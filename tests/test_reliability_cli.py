@@ -55,7 +55,7 @@ def test_connect_keeps_the_callers_sigterm_handler(ray_session):
 @pytest.mark.parametrize(
     ("grace_s", "streams", "max_tokens"),
     # The streams finish within the grace period (long enough that new requests meet the drain) /
-        # outlast it (4 run, 12 wait for a slot).
+    # outlast it (4 run, 12 wait for a slot).
     [(120.0, 4, 400), (0.5, 16, 400)],
     ids=["drained", "grace-over"],
 )
