@@ -98,11 +98,11 @@ class ModelConfig(_Strict):
     )
     tensor_parallel_size: int = Field(1, ge=1, description="Shards (workers) per replica.")
     engine_process: bool = Field(
-        False,
+        True,
         description="Run the engine loop (scheduler, model, detokenizer) in a process of its own "
-        "beside each replica (one GIL each; its OpenMP threads wait passively) instead of on a "
-        "thread of the replica. Off by default: on 2 shared CPU cores the thread served W1 ~15% "
-        "faster (BENCHMARKS.md, serving path).",
+        "beside each replica (one GIL each; its OpenMP threads wait passively); false runs it on "
+        "a thread of the replica. On by default: served W1 on a quiet 2-core machine was 1.08x "
+        "and 1.13x the thread's in two runs (BENCHMARKS.md, quiet-machine figures).",
     )
     placement_strategy: Literal["PACK", "STRICT_PACK", "SPREAD"] = Field(
         "PACK", description="Ray placement-group strategy for one replica's shards."
