@@ -122,9 +122,9 @@ def run(kind: str, streams: int, max_tokens: int, drain_timeout_s: float) -> dic
 
     outcomes, stop_s, stop_rc, probes = asyncio.run(main())
     deadline = time.monotonic() + 90  # the head drains its node for up to 30 s on SIGTERM
-    while any(_alive(p) for p in before) and time.monotonic() < deadline:
+    while any(process_alive(p) for p in before) and time.monotonic() < deadline:
         time.sleep(0.5)
-    left = sorted(p for p in before if _alive(p))
+    left = sorted(p for p in before if process_alive(p))
     t = tally(outcomes)
     return {
         "completed": t.completed,
@@ -171,7 +171,8 @@ async def probe_while(base: str, headers: dict[str, str], stopping: asyncio.Task
     return out
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not)."""
     try:
         state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
     except OSError:

@@ -67,7 +67,7 @@ def test_sigterm_to_a_foreground_up_drains_stops_the_cluster_and_exits_0(
 
     import httpx
 
-    from bench.reliability_cli import probe_while, session_pids
+    from bench.reliability_cli import probe_while, process_alive, session_pids
     from bench.reliability_load import streaming_load, tally
     from cluster.ray_runtime import free_port, pid_is_head
 
@@ -135,7 +135,7 @@ def test_sigterm_to_a_foreground_up_drains_stops_the_cluster_and_exits_0(
         assert set(probes) <= allowed | {"RemoteProtocolError"}, (probes, out[-2000:])
         assert not pid_is_head(head)
         deadline = time.monotonic() + 30
-        while (left := [p for p in cluster if _alive(p)]) and time.monotonic() < deadline:
+        while (left := [p for p in cluster if process_alive(p)]) and time.monotonic() < deadline:
             time.sleep(0.5)
         assert left == [], "processes of the cluster left behind"
         assert not (tmp / "state" / "cluster.json").exists()
@@ -148,11 +148,3 @@ def test_sigterm_to_a_foreground_up_drains_stops_the_cluster_and_exits_0(
 
             stop_head(head)
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
