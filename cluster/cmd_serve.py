@@ -345,7 +345,8 @@ def _drain(state: ClusterState) -> None:
         _say("Drain cut short.")
         return
     took = time.monotonic() - t0
-    if idle:
+    # Idle only once the deadline passed: the ingress ended what was left at its deadline.
+    if idle and took < state.drain_timeout_s:
         _say(f"Drained in {took:.1f}s.")
     else:
         what = "an unknown number of" if left is None else str(left)
