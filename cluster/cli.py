@@ -4,20 +4,7 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
-
-# Modules contributing subcommands, in --help order (imported when the parser is built: they import
-# this module's CLIError).
-COMMAND_MODULES = [
-    "cluster.cmd_serve",  # up, down, status
-    "cluster.cmd_render",  # render serve-config, render k8s
-    "cluster.cmd_generate",  # generate (offline, engine only)
-    "cluster.cmd_bench",  # bench
-    "cluster.cmd_policy",  # policy show/apply/history/simulate
-    "cluster.cmd_dashboards",  # dashboards export/push
-    "cluster.cmd_model",  # model build
-]
 
 
 class CLIError(Exception):
@@ -30,8 +17,28 @@ def build_parser() -> argparse.ArgumentParser:
         description="fleetlm: serve open LLMs on Ray Serve behind an OpenAI-compatible API.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+    # Imported here, not at the top: each command module imports CLIError from this one.
+    from cluster import (
+        cmd_bench,  # bench
+        cmd_dashboards,  # dashboards export/push
+        cmd_generate,  # generate (offline, engine only)
+        cmd_model,  # model build
+        cmd_policy,  # policy show/apply/history/simulate
+        cmd_render,  # render serve-config, render k8s
+        cmd_serve,  # up, down, status
+    )
+
+    # In --help order.
+    for module in (
+        cmd_serve,
+        cmd_render,
+        cmd_generate,
+        cmd_bench,
+        cmd_policy,
+        cmd_dashboards,
+        cmd_model,
+    ):
+        module.register(sub)
     return parser
 
 

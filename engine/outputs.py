@@ -19,10 +19,6 @@ class SchedulerOutput:
     preempted_req_ids: list[str] = field(default_factory=list)
     finished_req_ids: list[str] = field(default_factory=list)  # freed since the last step
 
-    @property
-    def total_tokens(self) -> int:
-        return sum(self.num_scheduled_tokens)
-
 
 @dataclass
 class RunnerOutput:

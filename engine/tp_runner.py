@@ -118,7 +118,6 @@ class TPRunner:
         self.vocab_size = self.runner.vocab_size
         self.hf_config = self.runner.hf_config
         self.device = self.runner.device
-        self.num_steps = 0
         self._closed = False
 
     @property
@@ -127,7 +126,6 @@ class TPRunner:
 
     def forward(self, out: SchedulerOutput, token_ids: list[list[int]]) -> torch.Tensor:
         self.group.broadcast_object((out, _windows(out, token_ids)))
-        self.num_steps += 1
         return self.runner.forward(out, token_ids)
 
     def execute_model(self, out: SchedulerOutput, reqs) -> RunnerOutput:
