@@ -57,7 +57,7 @@ class RequestOutput:
     num_output_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     logprobs: list[TokenLogprob] | None = None
-    error: str | None = None
+    error: BaseException | str | None = None  # the admission error, or why the step failed it
 
 
 @dataclass
