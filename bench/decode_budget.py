@@ -3,10 +3,15 @@ the demo model, timed per step and per op with torch.profiler; the paged-attenti
 engine's phases are wrapped in named ranges, so they show up beside aten's ops.
 
     python bench/decode_budget.py [--model demo] [--dtype float32] [--batch 32] [--steps 20]
+        [--ab VARIANT --rounds 6]
 
 Prints a budget table (ms per decode step): the whole step's wall time, the model forward and each
 op group inside it, and the host work outside the forward (scheduling, input buffers, sampling,
 detokenizing).
+
+``--ab VARIANT`` instead times one change against its absence in the same process, steps
+interleaved (rounds of ``--steps`` steps each, off/on/on/off order): ``fused-norm`` (the C++
+residual add + RMSNorm vs F.rms_norm), ``fused-ops`` (every C++ fused op vs the torch path).
 """
 
 from __future__ import annotations
@@ -47,6 +52,53 @@ def _wrap(cls, name: str, label: str) -> None:
     setattr(cls, name, wrapped)
 
 
+def _norms(model):
+    return [m for m in model.modules() if hasattr(m, "fused") and hasattr(m, "eps")]
+
+
+def _toggle(model, variant: str):
+    """-> set(on: bool): switches ``variant`` on or off in a loaded own-code model."""
+    norms = _norms(model)
+    norm_on = [m.fused for m in norms]
+    fused_on = model.fused
+
+    def set_norm(on: bool) -> None:
+        for m, f in zip(norms, norm_on, strict=True):
+            m.fused = f if on else None
+
+    def set_all(on: bool) -> None:
+        set_norm(on)
+        model.fused = fused_on if on else None
+
+    if variant == "fused-norm":
+        if not any(norm_on):
+            raise SystemExit("the fused norm is not in use here (no C++ kernels?)")
+        return set_norm
+    if variant == "fused-ops":
+        return set_all
+    raise SystemExit(f"unknown --ab variant {variant!r}")
+
+
+def _ab(eng, variant: str, rounds: int, steps: int) -> None:
+    set_on = _toggle(eng.runner.model, variant)
+    times: dict[bool, list[float]] = {False: [], True: []}
+    order = [False, True, True, False]
+    for r in range(rounds):
+        on = order[r % 4]
+        set_on(on)
+        eng.step()  # first step after a switch: not timed
+        for _ in range(steps):
+            t = time.perf_counter()
+            eng.step()
+            times[on].append(time.perf_counter() - t)
+    set_on(True)
+    off, on = statistics.median(times[False]) * 1e3, statistics.median(times[True]) * 1e3
+    print(
+        f"--ab {variant}: median decode step off {off:.2f} ms, on {on:.2f} ms "
+        f"({off - on:+.2f} ms saved, {len(times[True])} steps each, interleaved)"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", default="demo")
@@ -54,13 +106,16 @@ def main() -> None:
     ap.add_argument("--model-impl", default="auto")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--ab", default=None, help="fused-norm | fused-ops (see above)")
+    ap.add_argument("--rounds", type=int, default=8)
     args = ap.parse_args()
+    ab_steps = (args.rounds + 1) * (args.steps + 1) if args.ab else 0
 
     eng = LLMEngine(
         EngineConfig(model=resolve_model(args.model), dtype=args.dtype, model_impl=args.model_impl)
     )
     g = torch.Generator().manual_seed(0)
-    sp = SamplingParams(temperature=0, max_tokens=2 * args.steps + 8, ignore_eos=True)
+    sp = SamplingParams(temperature=0, max_tokens=2 * args.steps + 8 + ab_steps, ignore_eos=True)
     for _ in range(args.batch):
         eng.add_request(None, torch.randint(10, 4000, (128,), generator=g).tolist(), sp)
     while eng.scheduler.waiting or any(
@@ -69,6 +124,9 @@ def main() -> None:
         eng.step()
     for _ in range(3):
         eng.step()  # warm
+    if args.ab:
+        _ab(eng, args.ab, args.rounds, args.steps)
+        return
     walls = []
     for _ in range(args.steps):
         t = time.perf_counter()

@@ -57,3 +57,28 @@ def test_rotary_store_kv_on_a_strided_qkv_and_bad_input():
         fused.rotary_store_kv(qkv, cos, sin, pos + 14, kc, vc, torch.arange(T), H, Hkv, D)
     with pytest.raises(RuntimeError, match="slot out of range"):
         fused.rotary_store_kv(qkv, cos, sin, pos, kc, vc, torch.arange(T) + 6, H, Hkv, D)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [37, 128, 512, 896, 4096])
+def test_add_rms_norm_equals_torch_path(dtype, n):
+    """The residual add + RMSNorm in one pass: the residual stream and the norm bit for bit those
+    of ``residual.add_(x)`` and F.rms_norm, over widths with and without vector tails and over
+    magnitudes far from 1."""
+    from engine.models.layers import fused_norm_width
+
+    width = fused_norm_width(fused)
+    assert width in (8, 16)  # this torch build's sum kernel is reproduced
+    g = torch.Generator().manual_seed(n)
+    for scale in (1e-3, 1.0, 40.0):
+        x = (torch.randn(33, n, generator=g) * scale).to(dtype)
+        res = (torch.randn(33, n, generator=g) * scale).to(dtype)
+        w = torch.randn(n, generator=g).to(dtype)
+        ref_res = res.clone().add_(x)
+        ref = torch.nn.functional.rms_norm(ref_res, (n,), w, 1e-5)
+        y = fused.add_rms_norm(x, res, w, 1e-5, width)
+        assert torch.equal(res, ref_res)  # summed in place
+        assert torch.equal(y, ref)
+        assert torch.equal(fused.add_rms_norm(ref_res, None, w, 1e-5, width), ref)
+    with pytest.raises(RuntimeError, match="residual"):
+        fused.add_rms_norm(x, res[:, :-1].contiguous(), w, 1e-5, width)

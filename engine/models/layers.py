@@ -19,6 +19,9 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
         self.eps = eps
+        # (engine/csrc/fused_ops.cpp, vector width of aten's sum kernel) where the C++ add + norm
+        # runs (set by the model's bind_kv_cache): the same numbers in one pass.
+        self.fused: tuple[object, int] | None = None
 
     def norm(self, x: torch.Tensor) -> torch.Tensor:
         # One fused op; for bfloat16 it accumulates in float32 and rounds once at the end.
@@ -27,9 +30,39 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.fused is not None and x.dim() == 2 and x.is_contiguous():
+            op, width = self.fused
+            y = op.add_rms_norm(x, residual, self.weight, self.eps, width)
+            return y, (x if residual is None else residual)
         if residual is not None:
             x = residual.add_(x)
         return self.norm(x), x
+
+
+_norm_width: dict[int, int | None] = {}
+
+
+def fused_norm_width(fused) -> int | None:
+    """The vector width (8 or 16 lanes) with which ``fused.add_rms_norm`` reproduces F.rms_norm
+    bit for bit in this torch build (its sum kernel's Vectorized<float> size), or None: then the
+    torch op runs. Checked once per process on rows whose lengths exercise every tail."""
+    key = id(fused)
+    if key not in _norm_width:
+        g = torch.Generator().manual_seed(0)
+        found = None
+        for width in (8, 16):
+            ok = True
+            for dtype in (torch.float32, torch.bfloat16):
+                for n in (37, 300, 512, 4096):
+                    x = torch.randn(5, n, generator=g).to(dtype)
+                    w = torch.randn(n, generator=g).to(dtype)
+                    ref = F.rms_norm(x, (n,), w, 1e-6)
+                    ok = ok and torch.equal(fused.add_rms_norm(x, None, w, 1e-6, width), ref)
+            if ok:
+                found = width
+                break
+        _norm_width[key] = found
+    return _norm_width[key]
 
 
 class RotaryTable(nn.Module):

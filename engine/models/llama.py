@@ -17,7 +17,13 @@ import torch
 from torch import nn
 
 from engine.models.attention import AttentionMetadata, PagedAttention
-from engine.models.layers import RMSNorm, RotaryTable, apply_rotary, silu_and_mul
+from engine.models.layers import (
+    RMSNorm,
+    RotaryTable,
+    apply_rotary,
+    fused_norm_width,
+    silu_and_mul,
+)
 
 
 @dataclass(frozen=True)
@@ -158,6 +164,13 @@ class LlamaForCausalLM(nn.Module):
             from engine.cpu_kernels import fused_ops_kernel
 
             self.fused = fused_ops_kernel()
+        # The residual add + RMSNorm of every block and the final norm in one C++ pass where the
+        # fused ops run and it reproduces F.rms_norm bit for bit.
+        width = fused_norm_width(self.fused) if self.fused is not None else None
+        norm = (self.fused, width) if width is not None else None
+        for layer in self.layers:
+            layer.input_layernorm.fused = layer.post_attention_layernorm.fused = norm
+        self.norm.fused = norm
 
     def forward(self, input_ids, positions, meta: AttentionMetadata) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
