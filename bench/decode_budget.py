@@ -11,12 +11,15 @@ detokenizing).
 
 ``--ab VARIANT`` instead times one change against its absence in the same process, steps
 interleaved (rounds of ``--steps`` steps each, off/on/on/off order): ``fused-norm`` (the C++
-residual add + RMSNorm vs F.rms_norm), ``fused-ops`` (every C++ fused op vs the torch path).
+residual add + RMSNorm vs F.rms_norm), ``fused-ops`` (every C++ fused op vs the torch path),
+``packed-linear`` (oneDNN-packed weights, engine/models/layers.py PackedLinear, vs F.linear; in
+float32 that is FLEETLM_CPU_LINEAR=onednn, not bit-exact).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections import defaultdict
@@ -76,6 +79,23 @@ def _toggle(model, variant: str):
         return set_norm
     if variant == "fused-ops":
         return set_all
+    if variant == "packed-linear":  # the model was loaded unpacked (FLEETLM_CPU_LINEAR=aten)
+        from torch import nn
+
+        from engine.models.layers import PackedLinear
+
+        swaps = [
+            (parent, name, mod, PackedLinear(mod, 32))
+            for parent in model.modules()
+            for name, mod in parent.named_children()
+            if type(mod) is nn.Linear
+        ]
+
+        def set_packed(on: bool) -> None:
+            for parent, name, mod, packed in swaps:
+                setattr(parent, name, packed if on else mod)
+
+        return set_packed
     raise SystemExit(f"unknown --ab variant {variant!r}")
 
 
@@ -106,11 +126,13 @@ def main() -> None:
     ap.add_argument("--model-impl", default="auto")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--ab", default=None, help="fused-norm | fused-ops (see above)")
+    ap.add_argument("--ab", default=None, help="fused-norm | fused-ops | packed-linear")
     ap.add_argument("--rounds", type=int, default=8)
     args = ap.parse_args()
     ab_steps = (args.rounds + 1) * (args.steps + 1) if args.ab else 0
 
+    if args.ab == "packed-linear":
+        os.environ["FLEETLM_CPU_LINEAR"] = "aten"  # load unpacked; the A/B packs a copy
     eng = LLMEngine(
         EngineConfig(model=resolve_model(args.model), dtype=args.dtype, model_impl=args.model_impl)
     )

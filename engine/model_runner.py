@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 from collections.abc import Callable
 
 import numpy as np
@@ -35,6 +36,7 @@ from engine.config import EngineConfig
 from engine.cuda_graph import DecodeGraphRunner
 from engine.models import build_model, unsupported_reason
 from engine.models.attention import AttentionMetadata, FreshChunk, PagedAttention
+from engine.models.layers import pack_linears
 from engine.outputs import RunnerOutput, SchedulerOutput
 from engine.paged_attention import ATTN_NAME, KVCache, PrefillChunk, paged_attention
 from engine.paged_attention import AttentionMetadata as HFAttentionMetadata
@@ -118,6 +120,17 @@ class ModelRunner:
 
             self.model = quantize_int8(
                 self.model, dynamic_activations=config.quantization == "int8-w8a8"
+            )
+        # Own code on CPU: weights packed once for oneDNN (engine/models/layers.py PackedLinear)
+        # where that is F.linear's own kernel, bit for bit (bfloat16; 1.3-1.6x F.linear at decode
+        # sizes). FLEETLM_CPU_LINEAR=onednn packs float32 too (~2x MKL's sgemm at decode sizes
+        # on this machine, but not MKL's bits: greedy output then equals generate()'s only as
+        # far as no logit margin is that small); =aten packs nothing.
+        self.packed_linears = 0
+        cpu_linear = os.environ.get("FLEETLM_CPU_LINEAR", "auto")
+        if self.own and self.device.type == "cpu" and cpu_linear != "aten":
+            self.packed_linears = pack_linears(
+                self.model, config.max_num_seqs, exact_only=cpu_linear != "onednn"
             )
         self.hf_config = text_cfg
         self.vocab_size = text_cfg.vocab_size

@@ -112,3 +112,47 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     reads without a copy). The same kernels as ``F.silu(gate) * up``, so the same numbers."""
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate, inplace=True).mul_(up)
+
+
+class PackedLinear(nn.Module):
+    """``nn.Linear``'s forward over a weight packed once into oneDNN's blocked layout
+    (``torch.ops.mkldnn``): no per-call weight reorder, and oneDNN's GEMM. For bfloat16 it is the
+    kernel F.linear itself runs on CPU, so the numbers are F.linear's bit for bit (``pack_linears``
+    checks); for float32 F.linear runs MKL's sgemm instead, whose results differ in the last
+    bits."""
+
+    def __init__(self, linear: nn.Linear, batch_hint: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), batch_hint)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+def pack_linears(model: nn.Module, batch_hint: int, exact_only: bool = True) -> int:
+    """Replace every plain ``nn.Linear`` of a CPU model with a ``PackedLinear`` (int8 and other
+    swapped linears stay). With ``exact_only`` (the default) only if every packed linear equals
+    F.linear bit for bit on a probe input (bfloat16 on this torch build), else nothing changes.
+    Returns the number of linears replaced."""
+    targets = [
+        (parent, name, mod)
+        for parent in model.modules()
+        for name, mod in parent.named_children()
+        if type(mod) is nn.Linear
+    ]
+    if not targets or not torch.backends.mkldnn.is_available():
+        return 0
+    packed = [PackedLinear(mod, batch_hint) for _, _, mod in targets]
+    if exact_only:
+        g = torch.Generator().manual_seed(0)
+        with torch.inference_mode():
+            for (_, _, lin), p in zip(targets, packed, strict=True):
+                x = torch.randn(33, 2 * lin.in_features, generator=g).to(lin.weight.dtype)
+                x = x[:, : lin.in_features]  # strided rows, as the down projection reads them
+                if not torch.equal(p(x), F.linear(x, lin.weight, lin.bias)):
+                    return 0
+    for (parent, name, _), p in zip(targets, packed, strict=True):
+        setattr(parent, name, p)
+    return len(targets)
