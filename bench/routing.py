@@ -783,15 +783,16 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from cluster.ray_runtime import WORKER_NICENESS_ENV
+    from cluster.ray_runtime import serving_env
     from engine.models.demo import resolve_model
 
     resolve_model(args.model)  # build the demo model once, before any replica needs it
     port = free_port()
     result: dict[str, Any] = {"command": " ".join(sys.argv)}
-    # Replicas at Ray's default worker nice 15 lose the cores to this client process (and to the
-    # vLLM peer, which runs at nice 0); `fleetlm up` starts its head at nice 0 too.
-    os.environ.setdefault(WORKER_NICENESS_ENV, "0")
+    # What `fleetlm up` starts its head with: replicas at Ray's default worker nice 15 would lose
+    # the cores to this client process (and to the vLLM peer, at nice 0); the proxy talks gRPC.
+    for key, value in serving_env().items():
+        os.environ.setdefault(key, value)
     ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     runs: dict[str, list[float]] = {}
     itl: dict[str, float] = {}

@@ -3,8 +3,13 @@ replica, engine core, the client) per run and per 1,000 streamed tokens, for eac
 (``--modes``: the engine core in its own process or on a thread of the replica; "-mainloop":
 Serve runs our code on each replica's main event loop; "process-spin": the engine core's OpenMP
 threads spin before they sleep, libgomp's default; "thread-passive": the replica's sleep at once,
-as the engine core's do), each run on a fresh Ray instance, runs interleaved (A B A B ...) so
-machine noise hits every mode alike.
+as the engine core's do; "process-actorcalls": Serve's proxy reaches the ingress through Ray
+actor calls, Serve's default, where ``serving_env`` has it talk gRPC; "process-haproxy": HAProxy
+in place of Serve's proxy, forwarding to the ingress replica's own HTTP server; "process-tput":
+Serve's throughput-optimized pieces without direct ingress; "-nice": proxy, ingress and replica
+reniced to 10 after start), each run on a fresh Ray instance, runs interleaved (A B A B ...) so
+machine noise hits every mode alike. ``--workloads N`` measures N W1 workloads back to back per
+run (W1 alone lasts a few seconds).
 
     flock /tmp/fleetlm-bench.lock python bench/serving_cpu.py --repeats 3 --json out.json
     python bench/serving_cpu.py --burn 2 ...   # with two busy-looping processes beside it
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -51,15 +57,40 @@ _MAIN_LOOP = {
 # The engine core starts with OMP_WAIT_POLICY=PASSIVE (OpenMP threads sleep at once); libgomp's
 # default instead spins 300,000 times first, which GOMP_SPINCOUNT brings back.
 _SPIN = {"GOMP_SPINCOUNT": "300000"}
+_SPIN_SHORT = {"GOMP_SPINCOUNT": "10000"}  # a few microseconds of spinning, then sleep
 _PASSIVE = {"OMP_WAIT_POLICY": "PASSIVE"}
-# mode -> (engine_process, environment of every process of the mode's Ray instance)
-MODES: dict[str, tuple[bool, dict[str, str]]] = {
-    "process": (True, {}),
-    "thread": (False, {}),
-    "process-mainloop": (True, _MAIN_LOOP),
-    "thread-mainloop": (False, _MAIN_LOOP),
-    "process-spin": (True, _SPIN),
-    "thread-passive": (False, _PASSIVE),
+# The proxy reaches the ingress over Serve's inter-deployment gRPC server instead of Ray actor
+# calls (one gRPC stream per HTTP request instead of a Ray streaming generator).
+_GRPC = {"RAY_SERVE_PROXY_USE_GRPC": "1"}  # the default now (cluster/ray_runtime.serving_env)
+_ACTOR_CALLS = {"RAY_SERVE_PROXY_USE_GRPC": "0"}  # Serve's own default: Ray streaming generators
+# HAProxy (C) in place of Serve's Python proxy on the same port, forwarding HTTP to the ingress
+# replica's own HTTP server (direct ingress): Serve's high-throughput mode (ports set per run).
+_HAPROXY = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+# Serve's throughput-optimized mode without its direct ingress: user code and routers on the
+# main loops, the proxy over gRPC, access logs buffered, no log copies to stderr.
+_TPUT = {
+    **_MAIN_LOOP,
+    **_GRPC,
+    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",
+    "RAY_SERVE_LOG_TO_STDERR": "0",
+}
+NICE = 10  # "-nice" modes: the proxy, ingress and replica at this niceness, the engine core at 0
+# mode -> (engine_process, environment of every process of the mode's Ray instance, niceness of
+# the serving processes: proxy, ingress, replica)
+MODES: dict[str, tuple[bool, dict[str, str], int]] = {
+    "process": (True, {}, 0),
+    "thread": (False, {}, 0),
+    "process-mainloop": (True, _MAIN_LOOP, 0),
+    "thread-mainloop": (False, _MAIN_LOOP, 0),
+    "process-spin": (True, _SPIN, 0),
+    "process-spin10k": (True, _SPIN_SHORT, 0),
+    "thread-passive": (False, _PASSIVE, 0),
+    "process-grpc": (True, _GRPC, 0),
+    "process-actorcalls": (True, _ACTOR_CALLS, 0),
+    "process-haproxy": (True, _HAPROXY, 0),
+    "process-tput": (True, _TPUT, 0),
+    "process-nice": (True, {}, NICE),
+    "process-tput-nice": (True, _TPUT, NICE),
 }
 
 
@@ -104,6 +135,8 @@ def kind(cmd: str) -> str | None:
         ("LLMServer", "replica"),
         ("OpenAIIngress", "ingress"),
         ("ProxyActor", "proxy"),
+        ("HAProxyManager", "proxy"),
+        ("haproxy", "proxy"),
         ("ServeController", "controller"),
         ("raylet", "ray_system"),
         ("gcs_server", "ray_system"),
@@ -111,6 +144,22 @@ def kind(cmd: str) -> str | None:
         if tag in cmd:
             return k
     return None
+
+
+def renice_serving(niceness: int) -> None:
+    """Every thread of the proxy, ingress and replica processes to ``niceness`` (Linux keeps a
+    niceness per thread; threads started later inherit their creator's); the engine core, a
+    process of its own, keeps its niceness."""
+    for pid, cmd, _ in own_processes():
+        if kind(cmd) not in ("proxy", "ingress", "replica"):
+            continue
+        try:
+            tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+        except OSError:
+            continue
+        for tid in tids:
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, tid, niceness)
 
 
 def cpu_by_kind() -> dict[str, float]:
@@ -188,17 +237,26 @@ def top_frames(collapsed: str, n: int = 12) -> dict[str, Any]:
     return {"samples": total, "top": top(leaves), "top_py": top(pys)}
 
 
-def one_run(url: str, model: str, seed: int, profile: tuple[Path, str] | None = None) -> dict:
+def one_run(
+    url: str, model: str, seed: int, profile: tuple[Path, str] | None = None, workloads: int = 1
+) -> dict:
+    """``workloads`` W1 workloads one after another (seeds ``seed``, ``seed + 1``, ...) measured as
+    one run: a longer window than W1's few seconds."""
     procs = start_profiles(*profile) if profile else []
     before, t0 = cpu_by_kind(), time.perf_counter()
-    res = asyncio.run(run_workload(url, model, make_workload("W1", seed=seed), progress=False))
+    results = [
+        asyncio.run(run_workload(url, model, make_workload("W1", seed=seed + i), progress=False))
+        for i in range(workloads)
+    ]
     wall, after = time.perf_counter() - t0, cpu_by_kind()
     profiles = stop_profiles(procs) if procs else None
     cpu = {k: round(after[k] - before.get(k, 0.0), 2) for k in after}
-    k_tokens = res.total_output_tokens / 1000
+    tokens = sum(r.total_output_tokens for r in results)
+    k_tokens = tokens / 1000
+    busy_s = sum(r.total_output_tokens / r.output_throughput for r in results)  # each W1's span
     return {
-        "tok_s": round(res.output_throughput, 1),
-        "itl_p50_ms": round(res.itl_ms.p50, 1),
+        "tok_s": round(tokens / busy_s, 1),
+        "itl_p50_ms": round(statistics.median(r.itl_ms.p50 for r in results), 1),
         "wall_s": round(wall, 2),
         "cpu_s": cpu,
         "cpu_s_per_1k_tokens": {k: round(v / k_tokens, 3) for k, v in cpu.items()},
@@ -218,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--modes", nargs="+", default=["process", "thread"], choices=MODES)
+    p.add_argument(
+        "--workloads", type=int, default=1, help="W1 workloads per measured run (a longer window)"
+    )
     p.add_argument("--burn", type=int, default=0, help="busy-looping processes beside the runs")
     p.add_argument(
         "--profile",
@@ -244,9 +305,10 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from cluster.ray_runtime import WORKER_NICENESS_ENV
+    from cluster.ray_runtime import direct_ingress_env, serving_env
 
-    os.environ.setdefault(WORKER_NICENESS_ENV, "0")
+    for key, value in serving_env().items():  # what `fleetlm up` starts its head with
+        os.environ.setdefault(key, value)
     port = free_port()
     runs: dict[str, list[dict]] = {m: [] for m in args.modes}
     burners = [multiprocessing.Process(target=_burn, daemon=True) for _ in range(args.burn)]
@@ -256,9 +318,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for _ in range(args.repeats):
             for mode in args.modes:
-                engine_process, env = MODES[mode]
+                engine_process, env, niceness = MODES[mode]
                 saved = dict(os.environ)
                 os.environ.update(env)  # a Ray instance of the mode's own: Serve reads it at start
+                if env is _HAPROXY:
+                    os.environ.update({**direct_ingress_env(free_port()), **env})
                 ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
                 try:
                     engine = {"max_num_seqs": 64, "num_threads": args.threads}
@@ -267,13 +331,15 @@ def main(argv: list[str] | None = None) -> int:
                         engine_process=engine_process,
                     )  # fmt: skip
                     url = deploy_and_wait(cfg)
+                    if niceness:
+                        renice_serving(niceness)
                     warm_up(url, args.model, 4)
-                    seed += 2
+                    seed += 1 + args.workloads
                     wl = make_workload("W1", seed=seed)
                     asyncio.run(run_workload(url, args.model, wl, progress=False))
                     tag = f"{mode}{len(runs[mode])}"
                     prof = (Path(args.profile), tag) if args.profile else None
-                    r = one_run(url, args.model, seed + 1, prof)
+                    r = one_run(url, args.model, seed + 1, prof, args.workloads)
                     print(f"   {mode}: {json.dumps(r)}", flush=True)
                     runs[mode].append(r)
                 finally:

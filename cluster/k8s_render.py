@@ -38,7 +38,7 @@ from cluster.k8s_base import (
     render_base,
     render_base_objects,
 )
-from cluster.ray_runtime import WORKER_NICENESS_ENV
+from cluster.ray_runtime import serving_env
 from cluster.serve_config import render_serve_config
 
 NAME = "fleetlm"
@@ -143,8 +143,9 @@ def _container(name: str, cpu: str, memory: str, gpus: int, head: bool, env: lis
 def _env(cfg: ClusterConfig) -> list[dict]:
     env: list[dict] = [
         {"name": "TOKENIZERS_PARALLELISM", "value": "false"},
-        # Ray starts workers at nice 15 by default; the replicas are the workload here.
-        {"name": WORKER_NICENESS_ENV, "value": "0"},
+        # Workers at nice 0 (Ray's default is 15; the replicas are the workload here) and Serve's
+        # proxy talking gRPC to the replicas (cluster/ray_runtime.py).
+        *({"name": k, "value": v} for k, v in serving_env().items()),
     ]
     for key in cfg.api_keys:
         if key.env is not None:

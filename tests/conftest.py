@@ -26,6 +26,10 @@ def ray_session():
     import ray
     from ray import serve
 
+    from cluster.ray_runtime import serving_env
+
+    for key, value in serving_env().items():  # what `fleetlm up` starts its head with
+        os.environ.setdefault(key, value)
     port = free_port()
     # address="local": always a fresh head of our own, never another Ray on this machine.
     ray.init(address="local", num_cpus=16, include_dashboard=False, log_to_driver=False)

@@ -37,6 +37,37 @@ def fleetlm(env: dict[str, str], *args: str, timeout: float = 600) -> subprocess
     )
 
 
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(kv.decode(errors="replace").partition("=")[::2] for kv in raw if b"=" in kv)
+
+
+def descendants(root: int) -> list[int]:
+    """Every process below ``root`` (from /proc's parent pids)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [root]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_up_detach_serves_openai_clients_then_status_and_down():
@@ -88,6 +119,18 @@ def test_up_detach_serves_openai_clients_then_status_and_down():
         assert isinstance(out.choices[0].text, str)
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=base, api_key="wrong", max_retries=0).models.list()
+        # Streamed through Serve's proxy, which talks gRPC to the ingress on a head `fleetlm up`
+        # started (cluster/ray_runtime.serving_env): the same greedy text (in one chunk or several:
+        # tokens that pile up before the stream starts travel together).
+        proxies = [pid for pid in descendants(head_pid) if "ProxyActor" in cmdline(pid)]
+        assert proxies
+        for pid in proxies:
+            assert environ(pid).get(ray_runtime.PROXY_GRPC_ENV) == "1"
+        chunks = client.completions.create(
+            model="tiny", prompt="Hello there", max_tokens=4, temperature=0, stream=True
+        )
+        texts = [c.choices[0].text for c in chunks if c.choices]
+        assert texts and "".join(texts) == out.choices[0].text
 
         st = fleetlm(env, "status", "--json", timeout=120)
         assert st.returncode == 0, st.stderr
