@@ -340,8 +340,17 @@ def w1_runs(url: str, model: str, args: argparse.Namespace, label: str) -> dict:
     }
 
 
+# Serve's high-throughput mode: HAProxy (C) takes the proxy's port and forwards HTTP to the ingress
+# replica's own server (direct ingress); the Python proxy and its per-token Ray messages are gone.
+HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+
+
 def run_w1_fleetlm(
-    args: argparse.Namespace, port: int, engine_process: bool | None = None, direct_port: int = 0
+    args: argparse.Namespace,
+    port: int,
+    engine_process: bool | None = None,
+    direct_port: int = 0,
+    how: str = "",
 ) -> dict:
     """W1 ``--w1-repeats`` times on one deployed replica (see w1_runs). ``engine_process`` None:
     the default path."""
@@ -360,7 +369,7 @@ def run_w1_fleetlm(
     )
     how = {None: "default engine mode", True: "engine core process", False: "engine thread"}[
         engine_process
-    ]
+    ] + how
     if direct_port:
         how += ", direct ingress"
     print(f"\n== W1 over HTTP: fleetlm, 1 replica, {args.w1_threads} CPUs / torch threads, {how}")
@@ -640,6 +649,14 @@ def write_w6_png(steps: dict[str, list[dict[str, Any]]], path: str, title: str) 
     plt.close(fig)
 
 
+W1_ROWS = (
+    "fleetlm_engine_thread",
+    "fleetlm_engine_process",
+    "fleetlm_direct_ingress",
+    "fleetlm_haproxy",
+)
+
+
 def targets(result: dict[str, Any]) -> dict[str, Any]:
     w2 = result.get("W2", {})
     pa, p2 = w2.get("prefix_aware"), w2.get("pow2")
@@ -652,13 +669,13 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
     w1 = result.get("W1_http", {})
     if w1.get("fleetlm") and w1.get("fleetlm_offline"):
         t["w1_served_over_offline"] = w1["fleetlm"] / w1["fleetlm_offline"]
-        for row in ("fleetlm_engine_thread", "fleetlm_engine_process", "fleetlm_direct_ingress"):
+        for row in W1_ROWS:
             if w1.get(row):
                 t[f"w1_{row[len('fleetlm_') :]}_over_offline"] = w1[row] / w1["fleetlm_offline"]
     if w1.get("fleetlm") and w1.get("vllm"):
         t["w1_ratio_vs_vllm"] = w1["fleetlm"] / w1["vllm"]
         t["w1_target_met"] = t["w1_ratio_vs_vllm"] >= 1.2
-        for row in ("fleetlm_engine_thread", "fleetlm_engine_process", "fleetlm_direct_ingress"):
+        for row in W1_ROWS:
             if w1.get(row):
                 t[f"w1_{row[len('fleetlm_') :]}_ratio_vs_vllm"] = w1[row] / w1["vllm"]
     return t
@@ -713,6 +730,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="also run W1 with http.direct_ingress (a second Ray instance in Serve's "
         "throughput-optimized mode; the client talks to the ingress replica's own port)",
+    )
+    p.add_argument(
+        "--w1-haproxy",
+        action="store_true",
+        help="also run W1 with HAProxy in place of Serve's proxy on the same port (a second Ray "
+        "instance, RAY_SERVE_ENABLE_HA_PROXY: HAProxy forwards to the ingress replica's own port)",
     )
     p.add_argument(
         "--w1-engine-thread",
@@ -846,6 +869,21 @@ def main(argv: list[str] | None = None) -> int:
         )
         try:
             keep("fleetlm_direct_ingress", run_w1_fleetlm(args, port, direct_port=direct_port))
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+            os.environ.clear()
+            os.environ.update(saved)
+    if not args.skip_w1 and args.w1_haproxy:
+        from cluster.ray_runtime import direct_ingress_env
+
+        saved = dict(os.environ)
+        os.environ.update({**direct_ingress_env(free_port()), **HAPROXY_ENV})
+        ray.init(
+            address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False
+        )
+        try:
+            keep("fleetlm_haproxy", run_w1_fleetlm(args, port, how=", HAProxy"))
         finally:
             serve.shutdown()
             ray.shutdown()
