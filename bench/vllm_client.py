@@ -29,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
+import served_steps  # noqa: E402
 from vllm_server import DEFAULT_VLLM_PYTHON, VLLMServer, free_port, resolve_model_dir  # noqa: E402
 
 CLIENT = """
@@ -107,7 +108,10 @@ def run_fleetlm(args, model_dir: str) -> dict:
     port, ray_port = free_port(), free_port()
     fleetlm = str(Path(sys.executable).parent / "fleetlm")
     env = dict(os.environ, FLEETLM_STATE_DIR=tempfile.mkdtemp(prefix="fleetlm-state-"))
-    up = [fleetlm, "up", "--model", args.model, "--port", str(port), "--ray-port", str(ray_port)]
+    if args.step_trace:
+        env["FLEETLM_STEP_TRACE"] = args.step_trace
+    source = ["--config", args.config] if args.config else ["--model", args.model]
+    up = [fleetlm, "up", *source, "--port", str(port), "--ray-port", str(ray_port)]
     print(f"\n== fleetlm: {' '.join(up[1:])} --detach")
     subprocess.run([*up, "--detach"], check=True, env=env)
     try:
@@ -120,6 +124,11 @@ def run_fleetlm(args, model_dir: str) -> dict:
         return {w: run_client(args, url, name, model_dir, w, "fleetlm") for w in args.workloads}
     finally:
         subprocess.run([fleetlm, "down"], env=env, check=False)
+        if args.step_trace:
+            prefix = Path(args.step_trace)
+            for path in sorted(prefix.parent.glob(prefix.name + ".*")):
+                summary = served_steps.summarize(served_steps.load(path))
+                print(f"   steps {path}: {served_steps.describe(summary)}")
 
 
 def run_vllm(args, model_dir: str) -> dict:
@@ -138,6 +147,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-prompts", type=int, default=256)
     p.add_argument("--workloads", nargs="+", default=["W1", "W2"], choices=sorted(WORKLOADS))
     p.add_argument("--skip-vllm", action="store_true")
+    p.add_argument(
+        "--config",
+        help="start fleetlm with this cluster file instead of --model (its model must be --model)",
+    )
+    p.add_argument(
+        "--step-trace",
+        help="PREFIX: the engine core writes its step trace to PREFIX.<pid> (summed up after the "
+        "run; bench/served_steps.py); one run per prefix",
+    )
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     model_dir = resolve_model_dir(args.model)

@@ -110,6 +110,12 @@ class EngineOptions(BaseModel):
         ge=1,
         description="torch intra-op threads on CPU; null: torch's default.",
     )
+    decode_num_threads: int | None = Field(
+        DEFAULT["decode_num_threads"],
+        ge=1,
+        description="CPU: torch threads for decode steps (steps with under 64 prompt tokens); "
+        "null: num_threads. Fewer than the cores leaves the HTTP processes a core.",
+    )
     quantization: Literal["int8", "int8-w8a8"] | None = Field(
         DEFAULT["quantization"],
         description="int8: weight-only int8 linears; int8-w8a8: int8 activations too.",

@@ -144,6 +144,27 @@ SPECS: dict[str, MetricSpec] = _specs(
         "Requests preempted (KV freed, recomputed later) because KV blocks ran out.",
         PER_REPLICA,
     ),
+    MetricSpec("engine_steps_total", "counter", "Engine steps run.", PER_REPLICA),
+    MetricSpec(
+        "engine_step_seconds_total",
+        "counter",
+        "Wall time inside engine steps; its rate is the engine's busy fraction, over the steps' "
+        "rate the mean step time.",
+        PER_REPLICA,
+    ),
+    MetricSpec(
+        "engine_decode_rows_total",
+        "counter",
+        "Decode rows computed, summed over steps; over the steps' rate the mean decode batch.",
+        PER_REPLICA,
+    ),
+    MetricSpec(
+        "engine_prefill_tokens_total",
+        "counter",
+        "Prompt tokens computed by engine steps (prefix-cache hits excluded, recomputation after "
+        "a preemption included).",
+        PER_REPLICA,
+    ),
     # --- speculative decoding (per replica) ---
     MetricSpec(
         "spec_decode_num_draft_tokens_total",

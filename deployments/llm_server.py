@@ -308,6 +308,10 @@ class LLMServer:
             ("num_preemptions_total", "num_preemptions"),
             ("spec_decode_num_draft_tokens_total", "spec_draft_tokens"),
             ("spec_decode_num_accepted_tokens_total", "spec_accepted_tokens"),
+            ("engine_steps_total", "num_steps"),
+            ("engine_step_seconds_total", "step_seconds_total"),
+            ("engine_decode_rows_total", "decode_rows_total"),
+            ("engine_prefill_tokens_total", "prefill_tokens_total"),
         ):
             delta = getattr(s, name, 0) - (getattr(prev, name, 0) if prev is not None else 0)
             if delta > 0:

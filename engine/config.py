@@ -28,6 +28,12 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads on CPU; None leaves torch's default
+    # CPU, one shard: torch threads for steps with little prefill work (decode steps: under
+    # llm_engine.PREFILL_THREADS_MIN prompt tokens); None: num_threads. Served on cores shared
+    # with the HTTP processes, a decode step's threads wait on each other whenever one is
+    # preempted; a thread fewer than the cores leaves those processes a core (BENCHMARKS.md,
+    # serving path). `fleetlm up` without a cluster file sets it to num_threads - 1.
+    decode_num_threads: int | None = None
     quantization: Literal["int8", "int8-w8a8"] | None = (
         None  # weight-only int8 / + int8 activations
     )
@@ -71,6 +77,7 @@ class EngineConfig:
         pos_int("max_model_len", allow_none=True)
         pos_int("num_kv_blocks", allow_none=True)
         pos_int("num_threads", allow_none=True)
+        pos_int("decode_num_threads", allow_none=True)
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto|float32|bfloat16|float16, got {self.dtype!r}")
         if not self.kv_cache_memory_gb > 0:

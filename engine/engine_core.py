@@ -21,16 +21,22 @@ The child is a plain ``python -m engine.engine_core`` (not multiprocessing's spa
 re-import the parent's __main__, here Ray's worker script). It exits when its parent goes away (the
 pipe reaches EOF). When the child dies, every request in flight fails with EngineDeadError and
 ``check_health`` raises, so Serve replaces the replica.
+
+With ``FLEETLM_STEP_TRACE=PREFIX`` in its environment the child writes one JSON line per loop turn
+to PREFIX.<pid> (step wall and CPU seconds, decode rows, prompt tokens, idle waits);
+bench/served_steps.py sums it up.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import subprocess
 import sys
 import threading
+import time
 import traceback
 from multiprocessing.connection import Connection
 from typing import Any
@@ -44,6 +50,7 @@ from engine.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.5
+TRACE_ENV = "FLEETLM_STEP_TRACE"
 
 
 class EngineCoreClient:
@@ -260,14 +267,32 @@ def serve_core(rx: Connection, tx: Connection) -> None:
     stop = threading.Event()
     threading.Thread(target=_receive, args=(rx, loop, stop), daemon=True).start()
     last = None
+    trace = _open_trace()
     try:
         while not stop.is_set():
+            t0, c0, n0 = time.perf_counter(), time.process_time(), engine.num_steps
             outs = loop.run_once(IDLE_WAIT_S)
+            t1, c1 = time.perf_counter(), time.process_time()
             events = engine.pop_block_events()
             stats = engine.stats()
             if outs or events or stats != last:  # aborts change the stats without a step
                 tx.send(("out", outs, stats, events))
                 last = stats
+            if trace is not None:
+                stepped = engine.num_steps != n0
+                rows, prompt = engine.last_step if stepped else (0, 0)
+                rec = {
+                    "t": t0,
+                    "wall": t1 - t0,
+                    "cpu": c1 - c0,
+                    "send": time.perf_counter() - t1,
+                    "step": stepped,
+                    "decode_rows": rows,
+                    "prefill_tokens": prompt,
+                    "waiting": stats.num_waiting,
+                    "running": stats.num_running,
+                }
+                trace.write(json.dumps(rec) + "\n")
     except BaseException:
         logger.exception("engine step failed")
         try:
@@ -276,9 +301,20 @@ def serve_core(rx: Connection, tx: Connection) -> None:
             pass
         raise
     finally:
+        if trace is not None:
+            trace.close()
         close = getattr(engine.runner, "shutdown", None)
         if close is not None:
             close()
+
+
+def _open_trace() -> Any:
+    """The step trace (``FLEETLM_STEP_TRACE=PREFIX``: one JSON line per loop turn into
+    PREFIX.<pid>, read by bench/served_steps.py), or None."""
+    prefix = os.environ.get(TRACE_ENV)
+    if not prefix:
+        return None
+    return open(f"{prefix}.{os.getpid()}", "w", buffering=1)  # noqa: SIM115 (line-buffered)
 
 
 def main(argv: list[str]) -> None:

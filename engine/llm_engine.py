@@ -26,6 +26,12 @@ from engine.structured import StructuredDecoding
 
 logger = logging.getLogger(__name__)
 
+# A step computing at least this many prompt tokens runs on num_threads, fewer on
+# decode_num_threads. Demo fp32, 2 cores: a second thread makes a 32-row decode step 1.35x and
+# prefill 1.7x faster offline (43 vs 32 ms; 0.55 vs 0.32 ms per prompt token), but served the
+# 2-thread decode step takes ~53 ms; by those costs 2 threads win from ~60 prompt tokens.
+PREFILL_THREADS_MIN = 64
+
 
 @dataclass
 class GenerationResult:
@@ -115,6 +121,17 @@ class LLMEngine:
             self.vocab_size, self.max_model_len, self.block_manager.num_blocks, self.block_size
         )
         self.num_steps = 0
+        # Per-step counters (EngineStats): wall time inside step(), decode rows, prompt tokens
+        # computed; last_step is the last step's (decode rows, prompt tokens).
+        self.step_seconds_total = 0.0
+        self.decode_rows_total = 0
+        self.prefill_tokens_total = 0
+        self.last_step = (0, 0)
+        single_cpu = self.runner.device.type == "cpu" and config.tensor_parallel_size == 1
+        self._threads: tuple[int, int] | None = None  # (decode steps, prefill steps)
+        if single_cpu and config.decode_num_threads:
+            self._threads = (config.decode_num_threads, torch.get_num_threads())
+        self._threads_now = torch.get_num_threads()
         self.requests: dict[str, Request] = {}
         self.detoks: dict[str, IncrementalDetokenizer] = {}
         self.prompt_tokens_total = 0
@@ -162,10 +179,25 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model and sample, apply the results, stream. A request whose own data
         fails (sampling, detokenizing) ends alone with finish_reason "error"; the step goes on."""
+        t0 = time.perf_counter()
         sched, reqs = self.scheduler.schedule()
         if not reqs:
             return []
         self.num_steps += 1
+        rows = prefill = 0
+        for r, n in zip(reqs, sched.num_scheduled_tokens, strict=True):
+            if r.num_computed_tokens >= r.num_prompt_tokens:
+                rows += 1
+            else:
+                prefill += n
+        self.last_step = (rows, prefill)
+        self.decode_rows_total += rows
+        self.prefill_tokens_total += prefill
+        if self._threads is not None:
+            n = self._threads[prefill >= PREFILL_THREADS_MIN]
+            if n != self._threads_now:
+                torch.set_num_threads(n)
+                self._threads_now = n
         if self.structured.active:  # grammar masks fill on a thread while the model runs
             sampling = zip(reqs, sched.sample, strict=True)
             self.structured.prefetch([r.request_id for r, smp in sampling if smp])
@@ -196,6 +228,7 @@ class LLMEngine:
             # The draft model runs here, not in the target's step: its KV catches up only for
             # requests that speculate (a backed-off draft costs nothing).
             self.proposer.propose(self.scheduler.running, len(self.scheduler.waiting))
+        self.step_seconds_total += time.perf_counter() - t0
         return outputs
 
     def _fail(self, req: Request, message: str) -> RequestOutput:
@@ -299,6 +332,9 @@ class LLMEngine:
             spec_draft_tokens=self.spec.draft_tokens if self.spec else 0,
             spec_accepted_tokens=self.spec.accepted_tokens if self.spec else 0,
             num_steps=self.num_steps,
+            step_seconds_total=self.step_seconds_total,
+            decode_rows_total=self.decode_rows_total,
+            prefill_tokens_total=self.prefill_tokens_total,
         )
 
     def pop_block_events(self) -> list[BlockEvent]:

@@ -74,6 +74,9 @@ class EngineStats:
     spec_draft_tokens: int = 0
     spec_accepted_tokens: int = 0
     num_steps: int = 0
+    step_seconds_total: float = 0.0  # wall time inside steps
+    decode_rows_total: int = 0  # decode rows computed, over all steps
+    prefill_tokens_total: int = 0  # prompt tokens computed (prefix hits excluded)
 
     @property
     def kv_cache_usage(self) -> float:

@@ -83,6 +83,8 @@ KNOBS = {
     "no-cache-no-chunk": dict(
         enable_prefix_caching=False, enable_chunked_prefill=False, max_num_batched_tokens=1024
     ),
+    # decode steps on 1 torch thread, steps with >= 64 prompt tokens on 2 (chunks of 128)
+    "decode-threads": dict(max_num_batched_tokens=128, num_threads=2, decode_num_threads=1),
 }
 # Our own model code (model_impl "fleetlm", the default for these families) on every knob for the
 # demo Llama and Qwen2 (biases); Mistral and Qwen3 (q/k norms, head_dim apart from hidden/heads)
@@ -100,12 +102,16 @@ CASES = [
 @pytest.mark.parametrize("family,knob,impl", CASES, indirect=["family"])
 def test_greedy_matches_hf_generate(model_path, reference, knob, impl):
     knobs = KNOBS[knob]
-    eng = LLMEngine(EngineConfig(model=model_path, model_impl=impl, **knobs))
-    assert eng.runner.own == (impl == "fleetlm")
-    prompts = mixed_prompts()
-    # Warm the prefix cache with the shared prefix so the batch sees real hits.
-    eng.generate([prompts[-1]], GREEDY)
-    res = eng.generate(prompts, GREEDY)
+    threads = torch.get_num_threads()
+    try:
+        eng = LLMEngine(EngineConfig(model=model_path, model_impl=impl, **knobs))
+        assert eng.runner.own == (impl == "fleetlm")
+        prompts = mixed_prompts()
+        # Warm the prefix cache with the shared prefix so the batch sees real hits.
+        eng.generate([prompts[-1]], GREEDY)
+        res = eng.generate(prompts, GREEDY)
+    finally:
+        torch.set_num_threads(threads)  # num_threads knobs set the process's torch threads
     pairs = enumerate(zip(res, reference, strict=True))
     mismatches = [i for i, (r, ref) in pairs if r.token_ids != ref]
     assert mismatches == []
