@@ -1,5 +1,6 @@
 """The serving benchmarks' pure parts: /metrics counters (bench/vllm_client.py), collapsed-stack
-summaries and this command's own processes (bench/serving_cpu.py)."""
+summaries and this command's own processes (bench/serving_cpu.py), the engine core's step trace
+(bench/served_steps.py)."""
 
 import os
 import subprocess
@@ -12,6 +13,7 @@ import pytest
 # bench/autoscaling.py would shadow the autoscaling package for the rest of the test session.
 _saved_path = list(sys.path)
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import served_steps  # noqa: E402
 import serving_cpu  # noqa: E402
 import vllm_client  # noqa: E402
 
@@ -33,6 +35,33 @@ def test_prefix_cache_sums_adds_every_series_of_each_server_counter():
     vllm = 'vllm:prefix_cache_queries{engine="0"} 64\nvllm:prefix_cache_hits_total{engine="0"} 48'
     assert vllm_client.prefix_cache_sums(vllm, "vllm") == (48.0, 64.0)
     assert vllm_client.prefix_cache_sums(vllm, "fleetlm") == (0.0, 0.0)
+
+
+def test_served_steps_splits_decode_steps_prompt_steps_idle_and_gaps():
+    def turn(t, wall, step=True, rows=0, prompt=0, cpu=0.0):
+        return dict(t=t, wall=wall, cpu=cpu, send=0.001, step=step, decode_rows=rows,
+                    prefill_tokens=prompt, waiting=0, running=rows)  # fmt: skip
+
+    rows = [
+        turn(0.0, 0.5, step=False),  # idle before the first step: outside the span
+        turn(1.0, 0.4, prompt=1000, rows=2),
+        turn(1.41, 0.05, rows=32, cpu=0.06),
+        turn(1.47, 0.03, rows=30, cpu=0.04),
+        turn(1.50, 0.2, step=False),  # idle between steps
+        turn(1.75, 0.05, prompt=100),
+    ]
+    s = served_steps.summarize(rows)
+    assert s["steps"] == 4 and (s["decode_steps"], s["mixed_steps"]) == (2, 2)
+    assert s["span_s"] == pytest.approx(0.8)
+    assert s["in_steps_s"] == pytest.approx(0.53) and s["idle_s"] == pytest.approx(0.2)
+    assert s["between_steps_s"] == pytest.approx(0.07)
+    assert s["decode_wall_ms_mean"] == pytest.approx(40.0)
+    assert s["decode_cpu_ms_mean"] == pytest.approx(50.0)
+    assert s["decode_rows_mean"] == 31
+    assert s["mixed_prompt_tokens"] == 1100
+    assert s["mixed_ms_per_prompt_token"] == pytest.approx(450 / 1100)
+    assert "2 steps" in served_steps.describe(s)
+    assert served_steps.summarize([turn(0.0, 0.5, step=False)]) == {"steps": 0}
 
 
 def test_top_frames_shares_of_leaves_and_innermost_python_functions():
