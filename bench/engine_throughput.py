@@ -53,17 +53,20 @@ def w1_prompts(n: int = 32, length: int = 128, seed: int = 0) -> list[list[int]]
     return [torch.randint(10, 4000, (length,), generator=g).tolist() for _ in range(n)]
 
 
-def run_fleetlm(engine: LLMEngine, prompts, out_len: int) -> float:
+def run_fleetlm(engine: LLMEngine, prompts, out_len: int, tokens: list | None = None) -> float:
+    """W1 output tok/s; the output token ids per prompt go into ``tokens`` when given."""
     engine.block_manager.reset_prefix_cache()  # W1 measures compute, not cache hits
     sp = SamplingParams(temperature=0, max_tokens=out_len, ignore_eos=True)
     t = time.perf_counter()
     res = engine.generate(prompts, sp)
     dt = time.perf_counter() - t
     assert all(len(r.token_ids) == out_len for r in res)
+    if tokens is not None:
+        tokens[:] = [list(r.token_ids) for r in res]
     return len(prompts) * out_len / dt
 
 
-def run_hf_generate(model, prompts, out_len: int) -> float:
+def run_hf_generate(model, prompts, out_len: int, tokens: list | None = None) -> float:
     ids = torch.tensor(prompts)
     t = time.perf_counter()
     with torch.inference_mode():
@@ -77,6 +80,8 @@ def run_hf_generate(model, prompts, out_len: int) -> float:
         )
     dt = time.perf_counter() - t
     assert out.shape[1] == ids.shape[1] + out_len
+    if tokens is not None:
+        tokens[:] = out[:, ids.shape[1] :].tolist()
     return len(prompts) * out_len / dt
 
 
@@ -187,17 +192,21 @@ def main() -> None:
     rates: dict[str, list[float]] = {"fleetlm": [], "hf_generate": [], "hf_generate_batch": []}
     steps = args.repeats * (2 if args.skip_generate_batch else 3)
     with tqdm(total=steps, desc="W1", unit="run") as bar:
+        differ = 0  # sequences whose greedy tokens are not generate()'s, over all repeats
         for _ in range(args.repeats):  # interleaved, so machine noise hits all alike
-            rates["fleetlm"].append(run_fleetlm(engine, prompts, args.output_len))
+            ours, theirs = [], []
+            rates["fleetlm"].append(run_fleetlm(engine, prompts, args.output_len, ours))
             bar.update()
-            rates["hf_generate"].append(run_hf_generate(hf, prompts, args.output_len))
+            rates["hf_generate"].append(run_hf_generate(hf, prompts, args.output_len, theirs))
             bar.update()
+            differ += sum(a != b for a, b in zip(ours, theirs, strict=True))
             if not args.skip_generate_batch:
                 rates["hf_generate_batch"].append(
                     run_hf_generate_batch(hf, prompts, args.output_len)
                 )
                 bar.update()
     w1 = {k: (statistics.median(v) if v else None) for k, v in rates.items()}
+    w1["sequences_differing_from_generate"] = differ
     w1["vllm"] = (
         run_vllm(args.vllm_python, path, prompts, args.repeats) if args.vllm_python else None
     )
@@ -231,8 +240,14 @@ def main() -> None:
         f"median of {args.repeats}, output tok/s:"
     )
     for k, v in w1.items():
+        if k == "sequences_differing_from_generate":
+            continue
         ratio = f"  ({v / w1['hf_generate']:.2f}x generate)" if v and w1["hf_generate"] else ""
         print(f"  {k:18s} {v:8.1f}{ratio}" if v else f"  {k:18s}      n/a")
+    print(
+        f"  greedy tokens: {w1['sequences_differing_from_generate']} of "
+        f"{args.repeats * len(prompts)} fleetlm sequences differ from generate()'s"
+    )
     if "W1_bf16" in result:
         b = result["W1_bf16"]
         vs = f"  ({b['fleetlm'] / b['vllm']:.2f}x vLLM bf16)" if b["vllm"] else ""
