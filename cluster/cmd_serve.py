@@ -70,15 +70,11 @@ def build_config(args: argparse.Namespace) -> ClusterConfig:
         if not args.config and not (m.get("engine") or {}).get("num_threads"):
             # No file: this machine is the cluster. Ray would give a 1-CPU replica one torch
             # thread (OMP_NUM_THREADS=1); split the machine's cores among the replicas instead.
-            # Decode steps leave a core to the HTTP processes (proxy, ingress, replica) that
-            # stream their tokens: served on 2 cores, 32-row decode steps took 0.87-0.98x the
-            # time on 1 thread as on 2 (BENCHMARKS.md, serving path).
             n = m.get("num_replicas") or 1
-            threads = max(1, (os.cpu_count() or 1) // n)
-            engine = {**(m.get("engine") or {}), "num_threads": threads}
-            if not engine.get("decode_num_threads"):
-                engine["decode_num_threads"] = max(1, threads - 1)
-            m["engine"] = engine
+            m["engine"] = {
+                **(m.get("engine") or {}),
+                "num_threads": max(1, (os.cpu_count() or 1) // n),
+            }
     if args.host:
         data["http"]["host"] = args.host
     if args.port is not None:

@@ -31,8 +31,9 @@ class EngineConfig:
     # CPU, one shard: torch threads for steps with little prefill work (decode steps: under
     # llm_engine.PREFILL_THREADS_MIN prompt tokens); None: num_threads. Served on cores shared
     # with the HTTP processes, a decode step's threads wait on each other whenever one is
-    # preempted; a thread fewer than the cores leaves those processes a core (BENCHMARKS.md,
-    # serving path). `fleetlm up` without a cluster file sets it to num_threads - 1.
+    # preempted; a thread fewer than the cores leaves those processes a core. On 2 cores it
+    # helped W1 (32 short rows) a little and hurt W2 (16 long rows): not a default
+    # (BENCHMARKS.md, serving path).
     decode_num_threads: int | None = None
     quantization: Literal["int8", "int8-w8a8"] | None = (
         None  # weight-only int8 / + int8 activations

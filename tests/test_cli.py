@@ -162,14 +162,6 @@ def test_build_config_applies_overrides_and_resolves_relative_folders(tmp_path):
         build_config(parse_args("up", "--replicas", "0"))
 
 
-def test_up_without_a_file_splits_the_cores_and_leaves_one_to_decode_steps(monkeypatch):
-    monkeypatch.setattr("os.cpu_count", lambda: 8)
-    e = build_config(parse_args("up", "--model", "demo")).models[0].engine
-    assert (e.num_threads, e.decode_num_threads) == (8, 7)
-    e = build_config(parse_args("up", "--model", "demo", "--replicas", "8")).models[0].engine
-    assert (e.num_threads, e.decode_num_threads) == (1, 1)
-
-
 def test_prepare_for_deploy_turns_env_keys_into_digests(monkeypatch):
     cfg = parse_cluster_config(
         "models: [{name: m, model: demo-small}]\napi_keys:\n  - env: FLEETLM_CLI_TEST_KEY\n"
