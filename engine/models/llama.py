@@ -76,6 +76,8 @@ class Attention(nn.Module):
                 self.num_heads, self.num_kv_heads, self.head_dim,
             )  # fmt: skip
             q = qkv[:, : self.q_size].view(t, self.num_heads, self.head_dim)
+            if not meta.fresh:  # every row reads K/V through the block tables (decode)
+                return self._out(attn.paged(q, kv[0], kv[1], meta, self.scale), t)
             k, v = qkv[:, self.q_size :].view(t, 2 * self.num_kv_heads, self.head_dim).chunk(2, 1)
             o = attn.attend(q, k, v, kv[0], kv[1], meta, self.scale)
             return self._out(o, t)
