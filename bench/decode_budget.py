@@ -37,6 +37,7 @@ from engine.sampling_params import SamplingParams
 GROUPS = {
     "aten::mm": "matmul",
     "aten::addmm": "matmul",
+    "mkldnn::_linear_pointwise": "matmul",  # oneDNN-packed linears (engine/models/layers.py)
     "aten::_fused_rms_norm": "RMSNorm",
     "aten::silu": "SiLU * up",
     "aten::embedding": "embedding",
