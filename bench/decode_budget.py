@@ -163,6 +163,8 @@ def main() -> None:
     fused = getattr(eng.runner.model, "fused", None)
     if fused is not None:  # engine/csrc/fused_ops.cpp (a module: wrap its function in place)
         _wrap(fused, "rotary_store_kv", "rotary + store K/V")
+        if hasattr(fused, "add_rms_norm"):
+            _wrap(fused, "add_rms_norm", "add + RMSNorm (C++)")
     runner = eng.runner
     _wrap(type(runner), "forward", "runner.forward")
     _wrap(type(runner.sampler), "sample_step", "sampler")
@@ -184,6 +186,7 @@ def main() -> None:
             "paged attention kernel",
             "store K/V",
             "rotary + store K/V",
+            "add + RMSNorm (C++)",
             "runner.forward",
             "sampler",
             "scheduler.schedule",
