@@ -194,3 +194,23 @@ def test_kernels_run_without_the_gil():
     # Holding the GIL, the loop above would get a tick in only between calls (one per call, at
     # most a few); released, it spins throughout.
     assert ticks > 20 * calls, (ticks, calls)
+
+
+def test_a_build_killed_midway_does_not_hang_the_next_load():
+    """A build killed midway (Ctrl-C on a first start) leaves torch's lock file behind; the next
+    process must still load the kernels, not wait for that file forever."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from engine import cpu_kernels
+
+    build = cpu_kernels.build_dirs["paged_attention.cpp"]
+    (build / "lock").write_text("")
+    code = "from engine.cpu_kernels import paged_decode_kernel as k; assert k() is not None"
+    repo = Path(__file__).resolve().parent.parent
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=repo, timeout=300, capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not (build / "lock").exists()
