@@ -144,15 +144,17 @@ def pack_linears(model: nn.Module, batch_hint: int, exact_only: bool = True) -> 
     ]
     if not targets or not torch.backends.mkldnn.is_available():
         return 0
-    packed = [PackedLinear(mod, batch_hint) for _, _, mod in targets]
-    if exact_only:
-        g = torch.Generator().manual_seed(0)
-        with torch.inference_mode():
-            for (_, _, lin), p in zip(targets, packed, strict=True):
+    packed = []
+    g = torch.Generator().manual_seed(0)
+    for _, _, lin in targets:
+        p = PackedLinear(lin, batch_hint)
+        if exact_only:  # stop at the first mismatch (float32: the first linear)
+            with torch.inference_mode():
                 x = torch.randn(33, 2 * lin.in_features, generator=g).to(lin.weight.dtype)
                 x = x[:, : lin.in_features]  # strided rows, as the down projection reads them
                 if not torch.equal(p(x), F.linear(x, lin.weight, lin.bias)):
                     return 0
+        packed.append(p)
     for (parent, name, _), p in zip(targets, packed, strict=True):
         setattr(parent, name, p)
     return len(targets)
